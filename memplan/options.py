@@ -1,0 +1,147 @@
+"""What a user can ask for: methods, schemes, precisions, attention kernels, and the full request."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from memplan.errors import unknown
+
+
+class _Choice(str, Enum):
+    """A `str` enum whose members carry a one-line doc; parses the CLI's spelling."""
+
+    def __new__(cls, value: str, doc: str = ""):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.__doc__ = doc
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, text: str | _Choice) -> _Choice:
+        if isinstance(text, cls):
+            return text
+        key = str(text).strip().lower().replace("_", "-")
+        for member in cls:
+            if member.value == key:
+                return member
+        raise unknown(cls._kind(), str(text), [m.value for m in cls])
+
+    @classmethod
+    def _kind(cls) -> str:
+        return cls.__name__.lower()
+
+
+class Method(_Choice):
+    FO_SGD = "fo-sgd", "first-order SGD: 1 forward + 1 backward; keeps gradients"
+    FO_ADAM = "fo-adam", "first-order Adam: keeps gradients, exp_avg and exp_avg_sq"
+    FORWARD_GRAD = "forward-grad", "forward gradient: one dual (forward-mode AD) pass with a random tangent"
+    ZO_SGD = "zo-sgd", "MeZO ZO-SGD: two perturbed forwards, z regenerated from a seed"
+    ZO_SGD_MMT = "zo-sgd-mmt", "ZO-SGD with momentum: keeps one momentum buffer"
+    ZO_SGD_CONS = "zo-sgd-cons", "conservative ZO-SGD: five forwards, keeps the best of three candidates"
+    ZO_SGD_SIGN = "zo-sgd-sign", "ZO-SignSGD: sign of the projected gradient"
+    ZO_ADAM = "zo-adam", "ZO-Adam: keeps exp_avg and exp_avg_sq"
+
+    @property
+    def is_zo(self) -> bool:
+        return self.value.startswith("zo-")
+
+    @property
+    def is_fo(self) -> bool:
+        return self.value.startswith("fo-")
+
+
+class Scheme(_Choice):
+    FT = "ft", "full fine-tuning: every weight trains"
+    LORA = "lora", "LoRA adapters (rank r) on the target projections"
+    PREFIX = "prefix", "trainable key/value prefixes in every layer"
+    PROMPT = "prompt", "trainable virtual input embeddings"
+
+
+class Dtype(_Choice):
+    FP32 = "fp32", "weights, gradients, state and compute in fp32"
+    FP16 = "fp16", "weights, gradients, state and compute in fp16"
+    BF16 = "bf16", "weights, gradients, state and compute in bf16"
+    AMP_FP16 = "amp-fp16", "fp32 weights/gradients/state; fp16 autocast compute"
+    AMP_BF16 = "amp-bf16", "fp32 weights/gradients/state; bf16 autocast compute"
+
+    @property
+    def is_amp(self) -> bool:
+        return self.value.startswith("amp-")
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per element of weights, gradients and optimizer state."""
+        return 4 if self in (Dtype.FP32, Dtype.AMP_FP16, Dtype.AMP_BF16) else 2
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations."""
+        return 4 if self is Dtype.FP32 else 2
+
+    @property
+    def torch_name(self) -> str:
+        """Name of the torch dtype of the weights (`float32`...)."""
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(self.value, "float32")
+
+    @property
+    def compute_torch_name(self) -> str:
+        """Name of the torch dtype of the compute (autocast target for amp)."""
+        return {"amp-fp16": "float16", "amp-bf16": "bfloat16"}.get(self.value, self.torch_name)
+
+
+class Attention(_Choice):
+    EAGER = "eager", "materialises batch x heads x seq^2 scores and probabilities"
+    SDPA = "sdpa", "fused flash / memory-efficient kernel: no seq^2 tensors"
+
+
+class Perturbation(_Choice):
+    MEZO = "mezo", "MeZO reference: param.data = param.data + scale * z * eps (out of place, ~3 temporaries)"
+    INPLACE = "inplace", "param.data.add_(z, alpha=scale * eps): one temporary z"
+
+
+class HfVersion(_Choice):
+    CURRENT = "current", "the transformers release memplan's steps run on (5.x)"
+    V4_28 = "4.28", "transformers 4.28, as pinned by MeZO and ZO-Bench (OPT eager: fp32 mask promotion, KV cache kept)"
+
+    @classmethod
+    def _kind(cls) -> str:
+        return "transformers version"
+
+
+LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+class Config(BaseModel):
+    """One fine-tuning configuration to estimate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Catalog id, alias, or path to a config.json / folder holding one.")
+    method: Method = Field(Method.ZO_SGD, description="Optimization method.")
+    scheme: Scheme = Field(Scheme.FT, description="Which weights train.")
+    dtype: Dtype = Field(Dtype.FP16, description="Precision of weights, state and compute.")
+    batch: int = Field(1, ge=1, description="Sequences per step.")
+    seq: int = Field(512, ge=1, description="Tokens per sequence.")
+    attention: Attention = Field(Attention.SDPA, description="Attention kernel.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r); does not change memory.")
+    lora_targets: tuple[str, ...] = Field(LORA_DEFAULT_TARGETS, description="Module names LoRA wraps.")
+    prefix_tokens: int = Field(5, ge=1, description="Prefix-tuning tokens per layer.")
+    prompt_tokens: int = Field(10, ge=1, description="Prompt-tuning virtual tokens.")
+    grad_checkpointing: bool = Field(False, description="Recompute each layer in backward (first-order only).")
+    perturbation: Perturbation = Field(Perturbation.MEZO, description="How ZO perturbs weights.")
+    zo_queries: int = Field(1, ge=1, description="ZO queries q per step (q > 1 keeps a gradient accumulator).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
+    foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
+    hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
+    use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
+
+    @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", mode="before")
+    @classmethod
+    def _parse_choice(cls, value, info):
+        return cls.model_fields[info.field_name].annotation.parse(value)

@@ -1,0 +1,49 @@
+"""From tensor bytes (`allocated`) to what the allocator reserves and what the device shows.
+
+Shared by every tier, so analytic, traced and measured estimates differ only in their tensor bytes.
+"""
+
+from __future__ import annotations
+
+from memplan.estimate import Category
+from memplan.hardware import Family
+
+SEGMENT = 2 << 20  # the caching allocator maps large blocks in 2 MiB pages
+ROUND = 512  # every block is rounded up to 512 B (kMinBlockSize)
+
+
+def round_block(n_bytes: int) -> int:
+    """Bytes the caching allocator hands out for one tensor: round up to 512 B."""
+    return -(-n_bytes // ROUND) * ROUND if n_bytes else 0
+
+
+def workspace_bytes(fam: Family, *, backward: bool) -> int:
+    """cuBLAS workspace, one per (handle, stream); autograd's backward thread holds a second handle."""
+    return fam.cublas_workspace_bytes * (2 if backward else 1)
+
+
+def views(allocated: int, fam: Family, *, correction: dict | None = None) -> tuple[int, int, int]:
+    """(allocated, reserved, device) bytes at the peak.
+
+    reserved = allocated * (1 + slack) rounded up to a 2 MiB segment (slack: block-splitting and
+    cached free blocks; a per-family constant that calibration refits); device = reserved + context.
+    """
+    slack = fam.allocator_slack
+    context = fam.context_bytes
+    if correction:
+        slack = correction.get("allocator_slack", slack)
+        context = correction.get("context_bytes", context)
+    reserved = allocated + int(allocated * slack)
+    reserved = -(-reserved // SEGMENT) * SEGMENT
+    return allocated, reserved, reserved + context
+
+
+def add_overheads(components: dict[Category, int], fam: Family, *, correction: dict | None = None
+                  ) -> tuple[dict[Category, int], int, int, int]:
+    """Complete the categories with allocator slack and context; return (components, the three views)."""
+    allocated = sum(components.values())
+    allocated, reserved, device = views(allocated, fam, correction=correction)
+    out = dict(components)
+    out[Category.ALLOCATOR] = reserved - allocated
+    out[Category.CONTEXT] = device - reserved
+    return out, allocated, reserved, device
