@@ -1,0 +1,323 @@
+"""The analytic estimator: closed-form bytes per category and per phase; imports no torch.
+
+Each phase's peak is built from small formulas below. They follow what the step code keeps alive
+on a GPU (see `memplan/steps.py`): which tensors autograd saves per layer in transformers' modules,
+which temporaries a ZO perturbation or an optimizer step makes. The peak is the max over phases.
+
+Notation in comments: T = batch * seq tokens, h hidden, f intermediate, a heads, kv = key/value
+width, V vocab, L layers, E = batch * heads * seq_q * seq_k attention scores, wb / cb bytes per
+element of weights / compute, r bytes of the residual stream (fp32 under autocast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.estimate import Category, Phase
+from memplan.options import Attention, Config, Dtype, HfVersion, Method, Perturbation, Scheme
+from memplan.overhead import round_block, workspace_bytes
+from memplan.spec import ModelSpec
+
+C = Category
+ADAPTER_BYTES = 4  # peft keeps adapter / prompt weights in fp32 (autocast_adapter_dtype=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Shapes:
+    """Sizes one configuration needs, computed once."""
+
+    tokens: int  # T = batch * seq_in (prompt tokens included)
+    seq_q: int  # query length
+    seq_k: int  # key length (prefix tokens included)
+    wb: int
+    cb: int
+    r: int  # residual-stream bytes
+    amp: bool
+
+
+def shapes(cfg: Config, spec: ModelSpec) -> Shapes:
+    seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
+    seq_k = seq_in + (cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else 0)
+    amp = cfg.dtype.is_amp
+    return Shapes(
+        tokens=cfg.batch * seq_in, seq_q=seq_in, seq_k=seq_k, wb=cfg.dtype.weight_bytes,
+        cb=cfg.dtype.compute_bytes, r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
+    )
+
+
+# ---- parameters -----------------------------------------------------------------------------
+
+
+def weight_bytes(spec: ModelSpec, wb: int) -> int:
+    """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
+    params = sum(round_block(t.numel * wb) for t in spec.tensors)
+    return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary buffers stay fp32
+
+
+def lora_targets(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
+    targets = tuple(cfg.lora_targets)
+    if targets == ("q_proj", "v_proj") and "q_proj" not in {t.module for t in spec.tensors}:
+        targets = spec.default_lora_targets  # the default names another architecture's modules
+    return targets
+
+
+def trainable_tensors(cfg: Config, spec: ModelSpec) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of every trainable tensor."""
+    if cfg.scheme is Scheme.FT:
+        return [(t.numel, cfg.dtype.weight_bytes) for t in spec.tensors]
+    if cfg.scheme is Scheme.LORA:
+        # lora_A: r x in, lora_B: out x r, for every targeted weight matrix.
+        targets = set(lora_targets(cfg, spec))
+        out = []
+        for t in spec.tensors:
+            if t.module in targets and t.layer is not None and len(t.shape) == 2:
+                fan_out, fan_in = t.shape if spec.model_type != "gpt2" else t.shape[::-1]
+                out += [(cfg.lora_rank * fan_in, ADAPTER_BYTES), (fan_out * cfg.lora_rank, ADAPTER_BYTES)]
+        return out
+    if cfg.scheme is Scheme.PREFIX:
+        # peft prefix encoder: Embedding(tokens, L * 2 * kv_dim), no reparameterisation.
+        return [(cfg.prefix_tokens * spec.num_layers * 2 * spec.kv_dim, ADAPTER_BYTES)]
+    return [(cfg.prompt_tokens * spec.word_embed_proj_dim, ADAPTER_BYTES)]  # prompt: Embedding(tokens, h)
+
+
+def params_bytes(tensors: list[tuple[int, int]]) -> int:
+    """sum round512(numel * bytes) over tensors."""
+    return sum(round_block(n * b) for n, b in tensors)
+
+
+def largest_bytes(tensors: list[tuple[int, int]]) -> int:
+    return max(round_block(n * b) for n, b in tensors)
+
+
+def state_copies(cfg: Config) -> int:
+    """Trainable-sized buffers an optimizer keeps between steps (momentum 1, Adam 2, ZO q>1 +1)."""
+    m = cfg.method
+    copies = {Method.FO_ADAM: 2, Method.ZO_ADAM: 2, Method.ZO_SGD_MMT: 1}.get(m, 0)
+    if m is Method.FO_SGD and cfg.momentum > 0:
+        copies = 1
+    if m.is_zo and cfg.zo_queries > 1:
+        copies += 1  # gradient accumulator over q queries
+    return copies
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+
+def scores(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
+    """E = batch * heads * seq_q * seq_k attention-score elements per layer (eager only)."""
+    return cfg.batch * spec.num_heads * s.seq_q * s.seq_k if cfg.attention is Attention.EAGER else 0
+
+
+def _dropout_mask(p: float) -> int:
+    """Bytes per element a dropout saves for backward: a bool mask when p > 0."""
+    return 1 if p > 0 else 0
+
+
+def layer_saved_per_token(cfg: Config, spec: ModelSpec, s: Shapes, *, trains_weights: bool) -> int:
+    """Bytes per token that autograd saves in one layer, besides the attention scores.
+
+    Linear layers save their input only when their weight trains (autograd saves what each
+    requested gradient needs); under autocast every linear saves its own 16-bit cast of an fp32 input.
+    """
+    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
+    cb, r = s.cb, s.r
+    drop = _dropout_mask(spec.hidden_dropout)
+    lin_in = cb if trains_weights else 0  # a linear's saved input per element (its own copy)
+    # Norm inputs: LayerNorm saves its input; RMSNorm (transformers) saves its fp32 upcast and the
+    # normalised value cast back (x.float(), x * rsqrt, .to(dtype)): 4 + cb bytes, or 8 in fp32.
+    norm = r if spec.norm == "layernorm" else (4 + r if r != 4 else 8)
+    n_norms = 2
+    # Attention inputs: q, k, v as the attention kernel saves them (eager matmul or SDPA).
+    attn_qkv = cb * (q + 2 * kv)
+    if cfg.attention is Attention.SDPA:
+        attn_qkv += cb * q  # SDPA also saves its output (plus a B*a*S logsumexp, counted apart)
+    if spec.model_type in ("llama", "mistral", "qwen2") and cfg.attention is Attention.EAGER:
+        n_rep = spec.num_heads // spec.num_kv_heads
+        if n_rep > 1:
+            attn_qkv += cb * 2 * (q - kv)  # repeat_kv materialises k and v at full head count
+    # Inputs of the q/k/v projections: one shared tensor, or one autocast copy per projection.
+    qkv_in = lin_in * (3 if s.amp and spec.model_type != "gpt2" else 1) * h
+    out_in = lin_in * q
+    if spec.gated_mlp:
+        # gate, up: share the norm output (or 2 casts); act(gate) and act*up inputs; down's input.
+        mlp = lin_in * (2 if s.amp else 1) * h + cb * f * 3 - (0 if trains_weights else cb * f)
+    else:
+        # fc1 input; the activation's saved tensor (relu saves its output, gelu its input); fc2's input
+        # is the activation output (relu: the same tensor; gelu: another one).
+        act = cb * f * (1 if spec.activation == "relu" else 2)
+        mlp = lin_in * h + act - (0 if trains_weights or spec.activation == "relu" else cb * f)
+    masks = 2 * drop * h  # dropout after attention and after the MLP
+    return norm * n_norms * h + qkv_in + attn_qkv + out_in + mlp + masks
+
+
+def scores_saved_per_element(cfg: Config, s: Shapes, spec: ModelSpec) -> int:
+    """Bytes per score element saved for backward (eager attention)."""
+    if cfg.hf_version is HfVersion.V4_28 and spec.model_type == "opt":
+        # 4.28 OPT: scores + mask (fp32 under autocast) saved by torch.max, fp32 softmax output,
+        # and the 16-bit probabilities the second bmm saves.
+        masked = 4 if s.amp else s.cb
+        return masked + 4 + (s.cb if s.cb != 4 else 0)
+    # softmax(dim=-1, dtype=float32) saves its fp32 output; .to(dtype) feeds the second matmul.
+    probs = s.cb if s.cb != 4 else 0
+    drop = _dropout_mask(spec.attention_dropout)
+    return 4 + probs + drop + (s.cb if drop else 0)  # dropout: a mask and a new output
+
+
+def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
+    """Peak bytes per score element while one layer's attention runs (no grad)."""
+    # masked scores (cb, fp32 under autocast) + softmax fp32 output + cast back to cb.
+    masked = 4 if s.amp else s.cb
+    return masked + 4 + (s.cb if s.cb != 4 else 0)
+
+
+def layer_transient_per_token(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
+    """Largest set of temporaries inside one layer's forward, besides scores (no grad)."""
+    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
+    cb = s.cb
+    attn = (q + 2 * kv + q) * cb + h * s.r  # q, k, v, output, and the normed input
+    mlp = (3 if spec.gated_mlp else 2) * f * cb + h * s.r
+    return max(attn, mlp)
+
+
+def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
+    """(kept, transient) bytes of logits and loss at the end of the forward pass.
+
+    transformers 5: logits (cb), logits.float() (4, unless already fp32), log_softmax output (4).
+    4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb, fp32 under autocast).
+    """
+    tv = s.tokens * spec.vocab_size
+    if cfg.hf_version is HfVersion.V4_28:
+        lsm = 4 if s.amp else s.cb
+        kept = tv * (2 * s.cb + lsm)
+        return kept, tv * (4 if s.amp else 0)
+    up = 4 if s.cb != 4 else 0
+    return tv * (s.cb + up + 4), 0
+
+
+def logits_backward(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
+    """Extra bytes at the start of backward: the loss gradient through log_softmax and the upcast."""
+    tv = s.tokens * spec.vocab_size
+    # nll grad (fp32) + log_softmax grad (fp32) + grad cast back to cb.
+    return tv * (4 + 4 + (s.cb if s.cb != 4 else 0))
+
+
+# ---- phases ---------------------------------------------------------------------------------
+
+
+def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Category, int]]:
+    """Bytes per category at the peak of each phase of one steady-state step."""
+    s = shapes(cfg, spec)
+    weights = weight_bytes(spec, s.wb)
+    trainable = trainable_tensors(cfg, spec)
+    train_bytes = params_bytes(trainable)
+    if cfg.scheme is not Scheme.FT:
+        weights += train_bytes  # adapters live beside the frozen model
+    state = state_copies(cfg) * train_bytes
+    base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
+    m = cfg.method
+    if m.is_fo:
+        return _fo_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
+    if m is Method.FORWARD_GRAD:
+        return _fg_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
+    return _zo_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
+
+
+def _with(base: dict, **extra: int) -> dict[Category, int]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[Category(k)] = out.get(Category(k), 0) + v
+    return out
+
+
+def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
+    """(activations, logits) bytes at the peak of a no-grad forward pass."""
+    e = scores(cfg, spec, s)
+    cache = 0
+    if cfg.use_cache or cfg.hf_version is HfVersion.V4_28:
+        cache = spec.num_layers * s.tokens * 2 * spec.kv_dim * s.cb  # KV cache kept across layers
+    layer = s.tokens * layer_transient_per_token(cfg, spec, s) + e * scores_transient_per_element(cfg, s)
+    kept, transient = logits_forward(cfg, spec, s)
+    if cfg.hf_version is not HfVersion.V4_28:
+        kept -= s.tokens * spec.vocab_size * 4  # no grad: log_softmax frees its input's upcast soon
+    if layer + cache >= cache + kept + transient:
+        return layer + cache, 0
+    return cache, kept + transient
+
+
+def _zo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
+    largest = largest_bytes(trainable)
+    # MeZO: param.data = param.data + scale * z * eps -> z, scale*z, (scale*z)*eps, then the new tensor
+    # while z and the product live: 3 temporaries of the largest tensor. In place: z alone.
+    k = 3 if cfg.perturbation is Perturbation.MEZO else 1
+    act, logits = _inference_peak(cfg, spec, s)
+    ws = workspace_bytes(fam, backward=False)
+    out = {
+        Phase.LOAD: dict(base),
+        Phase.PERTURB: _with(base, perturbation=k * largest),
+        Phase.FORWARD: _with(base, activations=act, logits=logits, workspace=ws),
+        # update: regenerate z, grad = g * z, optimizer step on that tensor (Adam: one temporary).
+        Phase.OPTIMIZER_STEP: _with(base, perturbation=largest, gradients=largest,
+                                    workspace=ws,
+                                    optimizer_state=largest if cfg.method is Method.ZO_ADAM else 0),
+    }
+    return out
+
+
+def _fg_phases(cfg, spec, s, base, train_bytes, trainable, fam):
+    # Tangents: randn_like for every trainable tensor, held for the whole step. The dual forward
+    # carries a tangent beside every activation: about twice the inference transient.
+    act, logits = _inference_peak(cfg, spec, s)
+    ws = workspace_bytes(fam, backward=False)
+    return {
+        Phase.LOAD: dict(base),
+        Phase.FORWARD: _with(base, tangents=train_bytes + act, activations=act, logits=2 * logits, workspace=ws),
+        Phase.OPTIMIZER_STEP: _with(base, tangents=train_bytes, perturbation=largest_bytes(trainable)),
+    }
+
+
+def _fo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
+    trains_weights = cfg.scheme is Scheme.FT
+    e = scores(cfg, spec, s)
+    L = spec.num_layers
+    per_layer = s.tokens * layer_saved_per_token(cfg, spec, s, trains_weights=trains_weights)
+    per_layer += e * scores_saved_per_element(cfg, s, spec)
+    if cfg.scheme is Scheme.LORA:
+        # each LoRA path saves its input in fp32 (peft casts x to the adapter dtype) and the r-wide middle
+        n_targets = len(trainable) // 2 // L
+        per_layer += s.tokens * n_targets * (spec.hidden_size * 4 + cfg.lora_rank * 4)
+    if cfg.grad_checkpointing:
+        saved = L * s.tokens * spec.hidden_size * s.r + per_layer  # layer inputs + one recomputed layer
+    else:
+        saved = L * per_layer
+    # autocast keeps a 16-bit copy of every trainable weight it casts, until backward frees it.
+    cast_cache = (base[C.WEIGHTS] // 2) if s.amp else 0
+    kept_logits, transient_logits = logits_forward(cfg, spec, s)
+    grads = train_bytes
+    ws_f = workspace_bytes(fam, backward=False)
+    ws = workspace_bytes(fam, backward=True)
+    embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if trains_weights else 0
+    forward = _with(base, activations=saved + cast_cache, logits=kept_logits + transient_logits, workspace=ws_f)
+    # Start of backward: everything saved, plus the loss gradient, plus the lm_head weight gradient.
+    back_start = _with(base, activations=saved + cast_cache, logits=kept_logits + logits_backward(cfg, spec, s),
+                       gradients=embed, workspace=ws)
+    # End of backward: every gradient, plus the embedding's dense gradient before accumulation.
+    back_end = _with(base, gradients=grads + embed, workspace=ws)
+    backward = max(back_start, back_end, key=lambda d: sum(d.values()))
+    step_tmp = 0
+    if cfg.method is Method.FO_ADAM:
+        # foreach Adam: sqrt(exp_avg_sq) for all params at once (~1x params); for-loop: one tensor.
+        step_tmp = train_bytes if cfg.foreach else largest_bytes(trainable)
+    return {
+        Phase.LOAD: dict(base),
+        Phase.FORWARD: forward,
+        Phase.BACKWARD: backward,
+        Phase.OPTIMIZER_STEP: _with(base, gradients=grads, optimizer_state=step_tmp, workspace=ws),
+    }
+
+
+def peak(cfg: Config, spec: ModelSpec, gpu_family) -> tuple[Phase, dict[Category, int], dict[Phase, int]]:
+    """(peak phase, categories at the peak, allocated bytes of every phase)."""
+    per_phase = phases(cfg, spec, gpu_family)
+    totals = {p: sum(c.values()) for p, c in per_phase.items()}
+    top = max(totals, key=totals.__getitem__)
+    return top, {k: v for k, v in per_phase[top].items() if v}, totals
