@@ -50,8 +50,31 @@ def shapes(cfg: Config, spec: ModelSpec) -> Shapes:
 
 def weight_bytes(spec: ModelSpec, wb: int) -> int:
     """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
-    params = sum(round_block(t.numel * wb) for t in spec.tensors)
-    return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary buffers stay fp32
+    key = ("weights", wb)
+    if key not in spec.memo:
+        params = sum(round_block(t.numel * wb) for t in spec.tensors)
+        spec.memo[key] = params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
+    return spec.memo[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Trainable:
+    """What trains: parameter count, bytes (each tensor rounded to 512 B), largest tensor, tensors."""
+
+    params: int
+    bytes: int
+    largest_bytes: int
+    count: int
+
+
+def trainable(cfg: Config, spec: ModelSpec) -> Trainable:
+    key = ("trainable", cfg.scheme, cfg.dtype.weight_bytes, cfg.lora_rank, tuple(cfg.lora_targets),
+           cfg.prefix_tokens, cfg.prompt_tokens)
+    if key not in spec.memo:
+        ts = trainable_tensors(cfg, spec)
+        spec.memo[key] = Trainable(params=sum(n for n, _ in ts), bytes=params_bytes(ts),
+                                   largest_bytes=largest_bytes(ts), count=len(ts))
+    return spec.memo[key]
 
 
 def lora_targets(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
@@ -208,18 +231,18 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
     """Bytes per category at the peak of each phase of one steady-state step."""
     s = shapes(cfg, spec)
     weights = weight_bytes(spec, s.wb)
-    trainable = trainable_tensors(cfg, spec)
-    train_bytes = params_bytes(trainable)
+    train = trainable(cfg, spec)
+    train_bytes = train.bytes
     if cfg.scheme is not Scheme.FT:
         weights += train_bytes  # adapters live beside the frozen model
     state = state_copies(cfg) * train_bytes
     base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
     m = cfg.method
     if m.is_fo:
-        return _fo_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
+        return _fo_phases(cfg, spec, s, base, train, gpu_family)
     if m is Method.FORWARD_GRAD:
-        return _fg_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
-    return _zo_phases(cfg, spec, s, base, train_bytes, trainable, gpu_family)
+        return _fg_phases(cfg, spec, s, base, train, gpu_family)
+    return _zo_phases(cfg, spec, s, base, train, gpu_family)
 
 
 def _with(base: dict, **extra: int) -> dict[Category, int]:
@@ -244,8 +267,8 @@ def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     return cache, kept + transient
 
 
-def _zo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
-    largest = largest_bytes(trainable)
+def _zo_phases(cfg, spec, s, base, train: Trainable, fam):
+    largest = train.largest_bytes
     # MeZO: param.data = param.data + scale * z * eps -> z, scale*z, (scale*z)*eps, then the new tensor
     # while z and the product live: 3 temporaries of the largest tensor. In place: z alone.
     k = 3 if cfg.perturbation is Perturbation.MEZO else 1
@@ -263,19 +286,19 @@ def _zo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
     return out
 
 
-def _fg_phases(cfg, spec, s, base, train_bytes, trainable, fam):
+def _fg_phases(cfg, spec, s, base, train: Trainable, fam):
     # Tangents: randn_like for every trainable tensor, held for the whole step. The dual forward
     # carries a tangent beside every activation: about twice the inference transient.
     act, logits = _inference_peak(cfg, spec, s)
     ws = workspace_bytes(fam, backward=False)
     return {
         Phase.LOAD: dict(base),
-        Phase.FORWARD: _with(base, tangents=train_bytes + act, activations=act, logits=2 * logits, workspace=ws),
-        Phase.OPTIMIZER_STEP: _with(base, tangents=train_bytes, perturbation=largest_bytes(trainable)),
+        Phase.FORWARD: _with(base, tangents=train.bytes + act, activations=act, logits=2 * logits, workspace=ws),
+        Phase.OPTIMIZER_STEP: _with(base, tangents=train.bytes, perturbation=train.largest_bytes),
     }
 
 
-def _fo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
+def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     trains_weights = cfg.scheme is Scheme.FT
     e = scores(cfg, spec, s)
     L = spec.num_layers
@@ -283,7 +306,7 @@ def _fo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
     per_layer += e * scores_saved_per_element(cfg, s, spec)
     if cfg.scheme is Scheme.LORA:
         # each LoRA path saves its input in fp32 (peft casts x to the adapter dtype) and the r-wide middle
-        n_targets = len(trainable) // 2 // L
+        n_targets = train.count // 2 // L
         per_layer += s.tokens * n_targets * (spec.hidden_size * 4 + cfg.lora_rank * 4)
     if cfg.grad_checkpointing:
         saved = L * s.tokens * spec.hidden_size * s.r + per_layer  # layer inputs + one recomputed layer
@@ -292,7 +315,7 @@ def _fo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
     # autocast keeps a 16-bit copy of every trainable weight it casts, until backward frees it.
     cast_cache = (base[C.WEIGHTS] // 2) if s.amp else 0
     kept_logits, transient_logits = logits_forward(cfg, spec, s)
-    grads = train_bytes
+    grads = train.bytes
     ws_f = workspace_bytes(fam, backward=False)
     ws = workspace_bytes(fam, backward=True)
     embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if trains_weights else 0
@@ -306,7 +329,7 @@ def _fo_phases(cfg, spec, s, base, train_bytes, trainable, fam):
     step_tmp = 0
     if cfg.method is Method.FO_ADAM:
         # foreach Adam: sqrt(exp_avg_sq) for all params at once (~1x params); for-loop: one tensor.
-        step_tmp = train_bytes if cfg.foreach else largest_bytes(trainable)
+        step_tmp = train.bytes if cfg.foreach else train.largest_bytes
     return {
         Phase.LOAD: dict(base),
         Phase.FORWARD: forward,
@@ -320,4 +343,5 @@ def peak(cfg: Config, spec: ModelSpec, gpu_family) -> tuple[Phase, dict[Category
     per_phase = phases(cfg, spec, gpu_family)
     totals = {p: sum(c.values()) for p, c in per_phase.items()}
     top = max(totals, key=totals.__getitem__)
-    return top, {k: v for k, v in per_phase[top].items() if v}, totals
+    comps = {c: per_phase[top].get(c, 0) for c in Category if c not in (C.CONTEXT, C.ALLOCATOR)}
+    return top, comps, totals

@@ -65,7 +65,7 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
         model=spec.name, method=cfg.method, scheme=cfg.scheme, dtype=cfg.dtype, batch=cfg.batch, seq=cfg.seq,
         attention=cfg.attention, tier=Tier.ANALYTIC, peak_phase=phase, components=comps, phases=totals,
         peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
-        trainable_params=sum(n for n, _ in analytic.trainable_tensors(cfg, spec)), total_params=spec.param_count,
+        trainable_params=analytic.trainable(cfg, spec).params, total_params=spec.param_count,
         correction=correction.get("source") if correction else None, warnings=warnings,
     )
     if gpu is not None:

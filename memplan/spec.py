@@ -75,6 +75,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     source: str = ""
     config: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # per-spec cache of derived sums
 
     # ---- tensors --------------------------------------------------------------------------
 

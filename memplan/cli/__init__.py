@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer on click
+    from click import exceptions as click_exc
 
 from memplan.errors import MemplanError
 
@@ -21,6 +25,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+@app.callback()
+def _root() -> None:
+    """GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient."""
+
 
 _COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
 
@@ -53,12 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, standalone_mode=False)
     except MemplanError as e:  # raised outside a command body (e.g. while parsing)
         fail(str(e))
-    except click.exceptions.NoArgsIsHelpError:
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "memplan --help")
         raise SystemExit(0)
-    except click.UsageError as e:
+    except click_exc.UsageError as e:
         fail(e.format_message().replace("\n", " "))
-    except click.exceptions.Abort:
+    except click_exc.Abort:
         fail("aborted")
-    except click.exceptions.Exit as e:
+    except click_exc.Exit as e:
         raise SystemExit(e.exit_code)
     raise SystemExit(rc or 0)
