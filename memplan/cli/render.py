@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from memplan.estimate import GIB, Category, Estimate
 
-# The components worth a column; the rest is summed into "other".
-MAIN = (Category.WEIGHTS, Category.GRADIENTS, Category.OPTIMIZER_STATE, Category.ACTIVATIONS)
+# Columns of the table: each sums some categories.
+COLUMNS = {
+    "weights": (Category.WEIGHTS,),
+    "grads": (Category.GRADIENTS,),
+    "optim": (Category.OPTIMIZER_STATE,),
+    "activ": (Category.ACTIVATIONS,),
+    "logits": (Category.LOGITS,),
+    "z / tangent": (Category.PERTURBATION, Category.TANGENTS),
+    "overhead": (Category.WORKSPACE, Category.CONTEXT, Category.ALLOCATOR),
+}
 
 
 def fmt_gib(n_bytes: int | None) -> str:
@@ -23,15 +31,13 @@ def estimates_table(estimates: list[Estimate], title: str):
 
     table = Table(title=title, title_justify="left", caption="GiB = 2^30 bytes; peak = device view",
                   caption_justify="left")
-    for name in ("method", "peak", "phase", "weights", "grads", "optim", "activ", "other", "verdict",
-                 "headroom", "max batch", "max seq"):
+    for name in ("method", "peak", "phase", *COLUMNS, "verdict", "headroom", "max batch", "max seq"):
         table.add_column(name, justify="left" if name in ("method", "phase", "verdict") else "right",
-                         no_wrap=name == "method")
+                         no_wrap=name in ("method", "verdict"))
     for e in estimates:
-        other = e.peak_device_bytes - sum(e.components.get(c, 0) for c in MAIN)
+        parts = (sum(e.components.get(c, 0) for c in cats) for cats in COLUMNS.values())
         table.add_row(
-            e.method.value, fmt_gib(e.peak_device_bytes), e.peak_phase.value,
-            *(fmt_gib(e.components.get(c, 0)) for c in MAIN), fmt_gib(other), verdict(e),
+            e.method.value, fmt_gib(e.peak_device_bytes), e.peak_phase.value, *map(fmt_gib, parts), verdict(e),
             fmt_gib(e.headroom_bytes), "-" if e.max_batch is None else str(e.max_batch),
             "-" if e.max_seq is None else str(e.max_seq),
         )
