@@ -59,16 +59,18 @@ def fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input gets one line on stderr and exit code 2, never a traceback."""
     try:
-        rc = app(args=argv, standalone_mode=False)
-    except MemplanError as e:  # raised outside a command body (e.g. while parsing)
+        rc = app(args=argv, standalone_mode=False)  # returns the code of typer.Exit
+    except MemplanError as e:  # raised outside a command body
         fail(str(e))
     except click_exc.NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else "memplan --help")
-        raise SystemExit(0)
-    except click_exc.UsageError as e:
+        raise SystemExit(0) from None
+    except click_exc.UsageError as e:  # unknown option, missing argument, bad integer...
         fail(e.format_message().replace("\n", " "))
-    except click_exc.Abort:
-        fail("aborted")
-    except click_exc.Exit as e:
-        raise SystemExit(e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted")
+    except Exception as e:
+        if type(e).__name__ == "Abort":
+            fail("aborted")
+        raise
     raise SystemExit(rc or 0)

@@ -1,0 +1,2 @@
+from memplan.cli import main
+main()
