@@ -173,6 +173,24 @@ def layer_saved_per_token(cfg: Config, spec: ModelSpec, s: Shapes, *, trains_wei
     return norm * n_norms * h + qkv_in + attn_qkv + out_in + mlp + masks
 
 
+def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Shapes, *, targets: int) -> int:
+    """Bytes per token one layer's LoRA paths save: lora_A's input and lora_B's r-wide input.
+
+    peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
+    for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
+    lora_A saves its own 16-bit cast.
+    """
+    h = spec.hidden_size
+    if s.amp:
+        x_saved = targets * h * s.cb
+    elif s.wb == 4:
+        x_saved = h * 4  # the projection input itself, shared by the targets
+    else:
+        x_saved = targets * h * ADAPTER_BYTES
+    middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
+    return x_saved + middle
+
+
 def scores_saved_per_element(cfg: Config, s: Shapes, spec: ModelSpec) -> int:
     """Bytes per score element saved for backward (eager attention)."""
     if cfg.hf_version is HfVersion.V4_28 and spec.model_type == "opt":
@@ -305,9 +323,7 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     per_layer = s.tokens * layer_saved_per_token(cfg, spec, s, trains_weights=trains_weights)
     per_layer += e * scores_saved_per_element(cfg, s, spec)
     if cfg.scheme is Scheme.LORA:
-        # each LoRA path saves its input in fp32 (peft casts x to the adapter dtype) and the r-wide middle
-        n_targets = train.count // 2 // L
-        per_layer += s.tokens * n_targets * (spec.hidden_size * 4 + cfg.lora_rank * 4)
+        per_layer += s.tokens * lora_saved_per_token(cfg, spec, s, targets=train.count // 2 // L)
     if cfg.grad_checkpointing:
         saved = L * s.tokens * spec.hidden_size * s.r + per_layer  # layer inputs + one recomputed layer
     else:

@@ -15,8 +15,8 @@ def unknown(kind: str, name: str, valid: Iterable[str], *, listing: str | None =
     valid = sorted(set(valid))
     by_lower = {v.lower(): v for v in valid}
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=4, cutoff=0.6)
-    parts = [f"unknown {kind} {name!r}"]
+    head = f"unknown {kind} {name!r}"
     if close:
-        parts.append(f"did you mean {', '.join(by_lower[c] for c in close)}?")
-    parts.append(f"`{listing}` lists them all" if listing else f"valid: {', '.join(valid)}")
-    return MemplanError("; ".join(parts))
+        head += f" (did you mean {', '.join(by_lower[c] for c in close)}?)"
+    tail = f"`{listing}` lists them all" if listing else f"valid: {', '.join(valid)}"
+    return MemplanError(f"{head}; {tail}")

@@ -141,6 +141,10 @@ class Config(BaseModel):
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
     use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
 
+    def replace(self, **update) -> "Config":
+        """A validated copy with some fields changed (model_copy would skip validation)."""
+        return Config.model_validate({**self.model_dump(), **update})
+
     @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):

@@ -11,7 +11,7 @@ from memplan.spec import ModelSpec
 def _config_of(est: Estimate, base: Config | None) -> Config:
     fields = dict(method=est.method, scheme=est.scheme, dtype=est.dtype, batch=est.batch, seq=est.seq,
                   attention=est.attention)
-    return base.model_copy(update=fields) if base else Config(model=est.model, **fields)
+    return base.replace(**fields) if base else Config(model=est.model, **fields)
 
 
 def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, base: Config | None = None) -> list[tuple[str, int]]:
@@ -22,7 +22,7 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, base: Config | None
     out: list[tuple[str, int]] = []
 
     def attempt(label: str, **update) -> None:
-        n = device_bytes(cfg.model_copy(update=update), spec, gpu)
+        n = device_bytes(cfg.replace(**update), spec, gpu)
         if n <= gpu.total_bytes:
             out.append((label, n))
 

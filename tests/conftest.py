@@ -1,0 +1,36 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from memplan.cli import app
+
+
+@pytest.fixture
+def run_cli():
+    """Run `memplan ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def run(*args: str):
+        result = runner.invoke(app, list(args))
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
+
+
+@pytest.fixture
+def fit_json(run_cli):
+    """`memplan fit ... --json` parsed; returns (exit code, list of estimate dicts)."""
+
+    def run(*args: str):
+        code, out, err = run_cli("fit", *args, "--json")
+        assert code in (0, 1), err
+        return code, json.loads(out)["estimates"]
+
+    return run
