@@ -1,15 +1,23 @@
-"""memplan: will this fine-tuning configuration fit on my GPU?"""
+"""memplan: will this fine-tuning configuration fit on my GPU?
 
-from memplan.estimate import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Dtype, Method, Perturbation, Scheme
+`memplan.estimate("opt-13b", "zo-sgd", batch=16, seq=512, gpu="a100-80gb")` returns an `Estimate`.
+Names are imported lazily, so the command line starts without building what it does not use.
+"""
 
-__all__ = ["Attention", "Category", "Config", "Dtype", "Estimate", "Method", "Perturbation", "Phase", "Scheme",
-           "Tier", "estimate"]
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "Attention": "memplan.options", "Config": "memplan.options", "Dtype": "memplan.options",
+    "Method": "memplan.options", "Perturbation": "memplan.options", "Scheme": "memplan.options",
+    "Category": "memplan.estimate", "Estimate": "memplan.estimate", "Phase": "memplan.estimate",
+    "Tier": "memplan.estimate", "estimate": "memplan.api", "estimate_config": "memplan.api",
+}
+__all__ = sorted(_EXPORTS)
 
-def estimate(model: str, method: str = "zo-sgd", **options):
-    """Estimate peak GPU memory of one configuration (see `memplan.api.estimate`)."""
-    from memplan.api import estimate as _estimate
 
-    return _estimate(model, method, **options)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'memplan' has no attribute {name!r}")

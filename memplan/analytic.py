@@ -263,10 +263,15 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
     return _zo_phases(cfg, spec, s, base, train, gpu_family)
 
 
+_BY_NAME = {c.value: c for c in Category}
+
+
 def _with(base: dict, **extra: int) -> dict[Category, int]:
+    """`base` plus bytes in the categories named by keyword."""
     out = dict(base)
     for k, v in extra.items():
-        out[Category(k)] = out.get(Category(k), 0) + v
+        cat = _BY_NAME[k]
+        out[cat] = out.get(cat, 0) + v
     return out
 
 
@@ -354,10 +359,14 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     }
 
 
+_TENSOR_CATEGORIES = tuple(c for c in Category if c not in (C.CONTEXT, C.ALLOCATOR))
+
+
 def peak(cfg: Config, spec: ModelSpec, gpu_family) -> tuple[Phase, dict[Category, int], dict[Phase, int]]:
     """(peak phase, categories at the peak, allocated bytes of every phase)."""
     per_phase = phases(cfg, spec, gpu_family)
     totals = {p: sum(c.values()) for p, c in per_phase.items()}
     top = max(totals, key=totals.__getitem__)
-    comps = {c: per_phase[top].get(c, 0) for c in Category if c not in (C.CONTEXT, C.ALLOCATOR)}
+    at_top = per_phase[top]
+    comps = {c: at_top.get(c, 0) for c in _TENSOR_CATEGORIES}
     return top, comps, totals

@@ -61,12 +61,13 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
         warnings.append(f"seq {cfg.seq} is beyond {spec.name}'s {spec.max_positions} positions")
     if cfg.grad_checkpointing and not cfg.method.is_fo:
         warnings.append(f"--grad-checkpointing has no effect on {cfg.method.value} (no backward pass)")
-    est = Estimate(
+    est = Estimate.model_construct(  # built from validated values: skip re-validation (sweeps are hot)
         model=spec.name, method=cfg.method, scheme=cfg.scheme, dtype=cfg.dtype, batch=cfg.batch, seq=cfg.seq,
         attention=cfg.attention, tier=Tier.ANALYTIC, peak_phase=phase, components=comps, phases=totals,
         peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
         trainable_params=analytic.trainable(cfg, spec).params, total_params=spec.param_count,
         correction=correction.get("source") if correction else None, warnings=warnings,
+        gpu=None, fits=None, headroom_bytes=None, max_batch=None, max_seq=None,
     )
     if gpu is not None:
         judge(est, gpu)
