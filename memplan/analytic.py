@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.errors import MemplanError
 from memplan.estimate import Category, Phase
 from memplan.options import Attention, Config, Dtype, HfVersion, Method, Perturbation, Scheme
 from memplan.overhead import round_block, workspace_bytes
@@ -96,6 +97,10 @@ def trainable_tensors(cfg: Config, spec: ModelSpec) -> list[tuple[int, int]]:
             if t.module in targets and t.layer is not None and len(t.shape) == 2:
                 fan_out, fan_in = t.shape if spec.model_type != "gpt2" else t.shape[::-1]
                 out += [(cfg.lora_rank * fan_in, ADAPTER_BYTES), (fan_out * cfg.lora_rank, ADAPTER_BYTES)]
+        if not out:
+            linear = sorted({t.module for t in spec.tensors if t.layer is not None and len(t.shape) == 2})
+            raise MemplanError(f"LoRA targets {', '.join(sorted(targets))} match no module of {spec.name}; "
+                               f"its layers' linear modules: {', '.join(linear)}")
         return out
     if cfg.scheme is Scheme.PREFIX:
         # peft prefix encoder: Embedding(tokens, L * 2 * kv_dim), no reparameterisation.

@@ -61,6 +61,7 @@ def test_config_json_path(fit_json, tmp_path):
     (["opt-13b", "--attention", "flash"], "unknown attention 'flash'; valid: eager, sdpa"),
     (["opt-13b", "--batch", "0"], "--batch must be a positive integer, got 0"),
     (["opt-13b", "--seq", "-5"], "--seq must be a positive integer, got -5"),
+    (["opt-13b", "--scheme", "lora", "--lora-targets", "foo"], "LoRA targets foo match no module of facebook/opt-13b"),
 ])
 def test_bad_input_one_line_exit_2(run_cli, args, message):
     code, out, err = run_cli("fit", *args)

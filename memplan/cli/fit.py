@@ -24,7 +24,7 @@ def methods_from(names: list[str] | None) -> list:
 
 def config_options(model, scheme, dtype, batch, seq, attention, lora_rank, prefix_tokens, prompt_tokens,
                    grad_checkpointing, perturbation="mezo", zo_queries=1, hf_version="current",
-                   use_cache=False) -> dict:
+                   use_cache=False, lora_alpha=16, lora_targets=None) -> dict:
     """The shared options of `fit` and `trace` as Config fields (validated by Config)."""
     from memplan.errors import MemplanError
 
@@ -33,10 +33,16 @@ def config_options(model, scheme, dtype, batch, seq, attention, lora_rank, prefi
                         ("--zo-queries", zo_queries)):
         if value < 1:
             raise MemplanError(f"{flag} must be a positive integer, got {value}")
-    return dict(model=model, scheme=scheme, dtype=dtype, batch=batch, seq=seq, attention=attention,
-                lora_rank=lora_rank, prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
-                grad_checkpointing=grad_checkpointing, perturbation=perturbation, zo_queries=zo_queries,
-                hf_version=hf_version, use_cache=use_cache)
+    opts = dict(model=model, scheme=scheme, dtype=dtype, batch=batch, seq=seq, attention=attention,
+                lora_rank=lora_rank, lora_alpha=lora_alpha, prefix_tokens=prefix_tokens,
+                prompt_tokens=prompt_tokens, grad_checkpointing=grad_checkpointing, perturbation=perturbation,
+                zo_queries=zo_queries, hf_version=hf_version, use_cache=use_cache)
+    if lora_targets:
+        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        if not targets:
+            raise MemplanError("--lora-targets needs module names, e.g. q_proj,v_proj")
+        opts["lora_targets"] = targets
+    return opts
 
 
 @guarded
@@ -50,6 +56,9 @@ def fit(
     attention: str = typer.Option("sdpa", help="eager | sdpa"),
     gpu: Optional[str] = typer.Option(None, help="GPU name (memplan gpus) or 'auto'; default: local GPU if any."),
     lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha (does not change memory)."),
+    lora_targets: Optional[str] = typer.Option(None, help="LoRA target modules, comma-separated "
+                                               "(default: peft's for the architecture, e.g. q_proj,v_proj)."),
     prefix_tokens: int = typer.Option(5, help="Prefix-tuning tokens."),
     prompt_tokens: int = typer.Option(10, help="Prompt-tuning virtual tokens."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute layers (FO)."),
@@ -67,7 +76,8 @@ def fit(
     from memplan.suggest import suggestions
 
     opts = config_options(model, scheme, dtype, batch, seq, attention, lora_rank, prefix_tokens, prompt_tokens,
-                          grad_checkpointing, perturbation, zo_queries, hf_version, use_cache)
+                          grad_checkpointing, perturbation, zo_queries, hf_version, use_cache, lora_alpha,
+                          lora_targets)
     spec = resolve(model)
     the_gpu = resolve_gpu(gpu)
     estimates = [estimate_config(Config(method=m, **opts), the_gpu, spec=spec) for m in methods_from(method)]
