@@ -248,7 +248,10 @@ def _roberta(s: ModelSpec) -> list[Tensor]:
     ts += _norm("lm_head.", "layer_norm", h, True, None, group="lm_head")
     ts.append(Tensor("lm_head.bias", (s.vocab_size,), "lm_head", None, "lm_head"))
     if not s.tie_word_embeddings:
+        # transformers 5 ties decoder.bias to lm_head.bias only together with the word embeddings
+        # (_tied_weights_keys), so an untied head carries both vectors; 4.x always shared them.
         ts.append(Tensor("lm_head.decoder.weight", (s.vocab_size, h), "decoder", None, "lm_head"))
+        ts.append(Tensor("lm_head.decoder.bias", (s.vocab_size,), "decoder", None, "lm_head"))
     return ts
 
 
