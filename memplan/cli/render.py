@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from memplan.estimate import GIB, Category, Estimate
+from memplan.estimate import GIB, Category, Estimate, Phase
 
 # Columns of the table: each sums some categories.
 COLUMNS = {
-    "weights": (Category.WEIGHTS,),
-    "grads": (Category.GRADIENTS,),
-    "optim": (Category.OPTIMIZER_STATE,),
-    "activ": (Category.ACTIVATIONS,),
-    "logits": (Category.LOGITS,),
-    "z / tangent": (Category.PERTURBATION, Category.TANGENTS),
-    "overhead": (Category.WORKSPACE, Category.CONTEXT, Category.ALLOCATOR),
+    "weight": (Category.WEIGHTS,),
+    "grads\n+optim": (Category.GRADIENTS, Category.OPTIMIZER_STATE),
+    "activ\n+logit": (Category.ACTIVATIONS, Category.LOGITS),
+    "z /\ntangent": (Category.PERTURBATION, Category.TANGENTS),
+    "over-\nhead": (Category.WORKSPACE, Category.CONTEXT, Category.ALLOCATOR),
 }
+
+
+PHASE_LABEL = {Phase.LOAD: "load", Phase.FORWARD: "fwd", Phase.BACKWARD: "bwd", Phase.OPTIMIZER_STEP: "step",
+               Phase.PERTURB: "perturb"}
 
 
 def fmt_gib(n_bytes: int | None) -> str:
@@ -23,31 +25,38 @@ def fmt_gib(n_bytes: int | None) -> str:
 def verdict(est: Estimate) -> str:
     if est.fits is None:
         return "[dim]no GPU[/dim]"
-    return "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
+    return "[green]fits[/green]" if est.fits else "[red]no fit[/red]"
 
 
 def estimates_table(estimates: list[Estimate], title: str):
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption="GiB = 2^30 bytes; peak = device view",
-                  caption_justify="left")
-    for name in ("method", "peak", "phase", *COLUMNS, "verdict", "headroom", "max batch", "max seq"):
-        table.add_column(name, justify="left" if name in ("method", "phase", "verdict") else "right",
-                         no_wrap=name in ("method", "verdict"))
+    table = Table(title=title, title_justify="left", caption="all sizes in GiB (2^30 bytes); peak = device "
+                  "view (reserved + CUDA context)", caption_justify="left", padding=(0, 1), collapse_padding=True, pad_edge=False,
+                  box=box.SIMPLE_HEAD)
+    rows = []
     for e in estimates:
         parts = (sum(e.components.get(c, 0) for c in cats) for cats in COLUMNS.values())
-        table.add_row(
-            e.method.value, fmt_gib(e.peak_device_bytes), e.peak_phase.value, *map(fmt_gib, parts), verdict(e),
+        rows.append((
+            e.method.value, fmt_gib(e.peak_device_bytes), PHASE_LABEL[e.peak_phase], *map(fmt_gib, parts), verdict(e),
             fmt_gib(e.headroom_bytes), "-" if e.max_batch is None else str(e.max_batch),
             "-" if e.max_seq is None else str(e.max_seq),
-        )
+        ))
+    names = ("method", "peak\nGiB", "phase", *COLUMNS, "verdict", "head-\nroom", "max\nbatch", "max\nseq")
+    for i, name in enumerate(names):
+        width = max(len(r[i]) for r in rows) if name != "verdict" else 6  # cells never get cut
+        table.add_column(name, justify="left" if name in ("method", "phase", "verdict") else "right",
+                         no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
 def title_of(est: Estimate) -> str:
-    gpu = f" on {est.gpu.name} ({fmt_gib(est.gpu.total_bytes)} GiB)" if est.gpu else " (no GPU: no verdict)"
-    return (f"{est.model} | {est.scheme.value} | {est.dtype.value} | batch {est.batch} x seq {est.seq} | "
-            f"{est.attention.value} attention | {est.tier.value}{gpu}")
+    gpu = f" · {est.gpu.name} {fmt_gib(est.gpu.total_bytes)} GiB" if est.gpu else " · no GPU, no verdict"
+    return (f"{est.model} · {est.scheme.value} · {est.dtype.value} · batch {est.batch} x seq {est.seq} · "
+            f"{est.attention.value} · {est.tier.value}{gpu}")
 
 
 def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -> None:
