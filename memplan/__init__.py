@@ -9,10 +9,20 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Attention": "memplan.options", "Config": "memplan.options", "Dtype": "memplan.options",
     "Method": "memplan.options", "Perturbation": "memplan.options", "Scheme": "memplan.options",
-    "Category": "memplan.estimate", "Estimate": "memplan.estimate", "Phase": "memplan.estimate",
-    "Tier": "memplan.estimate", "estimate": "memplan.api", "estimate_config": "memplan.api",
+    "Category": "memplan.result", "Estimate": "memplan.result", "Phase": "memplan.result",
+    "Tier": "memplan.result", "estimate_config": "memplan.api",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "estimate"])
+
+
+def estimate(model: str, method: str = "zo-sgd", **options):
+    """Peak GPU memory of one configuration: `memplan.estimate("opt-13b", "zo-sgd", batch=16, gpu="a100-80gb")`.
+
+    Options are `memplan.Config` fields; `gpu` names a catalog GPU (or "auto"). Returns an `Estimate`.
+    """
+    from memplan.api import estimate as _estimate
+
+    return _estimate(model, method, **options)
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.errors import MemplanError
-from memplan.estimate import Category, Phase
+from memplan.result import Category, Phase
 from memplan.options import Attention, Config, Dtype, HfVersion, Method, Perturbation, Scheme
 from memplan.overhead import round_block, workspace_bytes
 from memplan.spec import ModelSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memplan import analytic, corrections, hardware
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, GpuRef, Tier
+from memplan.result import Estimate, GpuRef, Tier
 from memplan.options import Config, Method
 from memplan.overhead import add_overheads
 from memplan.spec import ModelSpec, resolve

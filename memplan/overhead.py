@@ -5,7 +5,7 @@ Shared by every tier, so analytic, traced and measured estimates differ only in 
 
 from __future__ import annotations
 
-from memplan.estimate import Category
+from memplan.result import Category
 from memplan.hardware import Family
 
 SEGMENT = 2 << 20  # the caching allocator maps large blocks in 2 MiB pages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memplan import hardware
-from memplan.estimate import Estimate
+from memplan.result import Estimate
 from memplan.options import Config, Method, Scheme
 from memplan.spec import ModelSpec
 

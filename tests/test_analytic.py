@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from memplan import analytic
 from memplan.api import device_bytes, estimate, estimate_config
-from memplan.estimate import Category, Phase
+from memplan.result import Category, Phase
 from memplan.hardware import family, get_gpu
 from memplan.options import Config, Method
 from memplan.spec import spec_from_config
@@ -155,3 +155,10 @@ def test_lora_16bit_can_exceed_ft():
     assert _peak(scheme="lora", **kw) > _peak(scheme="ft", **kw)
     amp = dict(kw, dtype="amp-fp16")
     assert _peak(scheme="lora", **amp) < _peak(scheme="ft", **amp)
+
+
+def test_python_api_top_level():
+    import memplan
+
+    est = memplan.estimate("opt-13b", "zo-sgd", batch=16, seq=512, gpu="a100-80gb")
+    assert isinstance(est, memplan.Estimate) and est.fits and est.max_batch >= 16

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from memplan.api import estimate
-from memplan.estimate import GIB
+from memplan.result import GIB
 from memplan.spec import resolve
 
 ANCHORS = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "public.json"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from memplan.cli import main
-from memplan.estimate import Category
+from memplan.result import Category
 
 CONTRACT_KEYS = {"model", "method", "scheme", "dtype", "batch", "seq", "attention", "peak_phase", "components",
                  "peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "gpu", "fits",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memplan.estimate import GIB, Category, Estimate, Phase
+from memplan.result import GIB, Category, Estimate, Phase
 
 # Columns of the table: each sums some categories.
 COLUMNS = {
