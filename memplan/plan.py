@@ -160,9 +160,13 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 def _path_of(loc: tuple) -> str:
+    """`runs[0].batch`; a key that is not a plain word is quoted: `runs[0]['my key']`."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) and out else (f".{part}" if out else str(part))
+        if isinstance(part, int) and out or not str(part).isidentifier():
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 
@@ -241,7 +245,7 @@ def parse(text: str, name: str = "plan.yaml", *, base: Path | None = None, fmt: 
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise MemplanError(f"{name}: {where}invalid YAML: {what}") from None
+        raise MemplanError(f"{name}: {where}invalid YAML: {what}".replace("\n", " ")) from None
     except RecursionError:
         raise MemplanError(f"{name}: nested too deeply") from None
     if not isinstance(data, dict):
@@ -260,7 +264,8 @@ def parse(text: str, name: str = "plan.yaml", *, base: Path | None = None, fmt: 
             line = line_of(tree, loc) if tree is not None else None
             messages.append(f"{_path_of(loc)}: {_describe(err)}" + (f" (line {line})" if line else ""))
         more = f" [and {len(messages) - 1} more: {'; '.join(messages[1:])}]" if len(messages) > 1 else ""
-        raise MemplanError(f"{name}: {messages[0]}{more}") from None
+        # One line, whatever the plan holds: messages quote user text with repr, except pydantic's own.
+        raise MemplanError(f"{name}: {messages[0]}{more}".replace("\n", " ")) from None
     lines = tuple(line_of(tree, ("runs", i)) if tree is not None else None for i in range(len(plan.runs)))
     return PlanFile(path=name, plan=plan, run_lines=lines)
 
