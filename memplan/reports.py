@@ -7,8 +7,10 @@ import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from memplan.plan import Result
+if TYPE_CHECKING:
+    from memplan.plan import Result
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
