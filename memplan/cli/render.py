@@ -78,7 +78,8 @@ def check_table(results: list):
     table = Table(title="memplan check", title_justify="left", caption_justify="left",
                   caption="GiB = 2^30 bytes; peak = device view; budget = GPU total - margin")
     for name in ("plan", "run", "gpu", "method", "peak", "budget", "headroom", "phase", "verdict"):
-        table.add_column(name, justify="right" if name in ("peak", "budget", "headroom") else "left")
+        table.add_column(name, justify="right" if name in ("peak", "budget", "headroom") else "left",
+                         overflow="fold")  # names wrap rather than lose their ends
     for r in results:
         table.add_row(escape(r.plan), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes), fmt_gib(r.budget_bytes),
                       fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes), r.estimate.peak_phase.value,
