@@ -164,3 +164,13 @@ def test_trace_tier_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tracing)
     with pytest.raises(MemplanError, match="tier: trace needs the trace tier .*use tier: analytic"):
         plan.check(plan.parse(GOOD.replace("margin: 5%", "margin: 5%\ntier: trace")))
+
+
+def test_fit_suggestions_keep_their_flags():
+    from memplan.suggest import suggestions
+
+    spec = resolve("opt-13b")
+    est = estimate_config(Config(model="opt-13b", method="fo-adam", batch=16), H100, spec=spec)
+    zo = device_bytes(Config(model="opt-13b", method="zo-sgd", batch=16), spec, H100)
+    assert est.fits is False
+    assert suggestions(est, spec, H100) == [f"fo-adam would fit with: --method zo-sgd ({zo / GIB:.1f} GiB)"]

@@ -12,19 +12,19 @@ from memplan.cli._common import guarded
 chart_app = typer.Typer(help="Charts of fit and memory: PNG or SVG, by the output file's suffix.",
                         no_args_is_help=True)
 
-Gpu = Annotated[str, typer.Option("--gpu", help="GPU name (memplan gpus).")]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Chart file: .png or .svg.")]
-Methods = Annotated[str, typer.Option("--methods", help="Comma-separated methods, or 'all'.")]
-Margin = Annotated[str, typer.Option(help="Memory kept free: a share (5%) or an amount (2GiB).")]
-Scheme = Annotated[str, typer.Option(help="ft | lora | prefix | prompt")]
-Dtype = Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16")]
-Batch = Annotated[int, typer.Option(help="Sequences per step.")]
-Seq = Annotated[int, typer.Option(help="Tokens per sequence.")]
-Attention = Annotated[str, typer.Option(help="eager | sdpa")]
-LoraRank = Annotated[int, typer.Option(help="LoRA rank.")]
-Checkpointing = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute layers (FO).")]
-HfVersion = Annotated[str, typer.Option(help="transformers behaviour: current | 4.28 (MeZO / ZO-Bench)")]
-Json = Annotated[bool, typer.Option("--json", help="Also print the plotted numbers as JSON.")]
+GpuOpt = Annotated[str, typer.Option("--gpu", help="GPU name (memplan gpus).")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Chart file: .png or .svg.")]
+MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma-separated methods, or 'all'.")]
+MarginOpt = Annotated[str, typer.Option(help="Memory kept free: a share (5%) or an amount (2GiB).")]
+SchemeOpt = Annotated[str, typer.Option(help="ft | lora | prefix | prompt")]
+DtypeOpt = Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per step.")]
+SeqOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
+AttentionOpt = Annotated[str, typer.Option(help="eager | sdpa")]
+LoraRankOpt = Annotated[int, typer.Option(help="LoRA rank.")]
+CheckpointingOpt = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute layers (FO).")]
+HfVersionOpt = Annotated[str, typer.Option(help="transformers behaviour: current | 4.28 (MeZO / ZO-Bench)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Also print the plotted numbers as JSON.")]
 
 
 def _options(scheme, dtype, batch, seq, attention, lora_rank, grad_checkpointing, hf_version) -> dict:
@@ -49,11 +49,11 @@ def _finish(chart, output: Path, as_json: bool) -> None:
 
 @chart_app.command("grid")
 @guarded
-def grid(gpu: Gpu, output: Output,
+def grid(gpu: GpuOpt, output: OutputOpt,
          models: Annotated[str, typer.Option("--models", help="Comma-separated models (rows).")],
-         methods: Methods = "all", margin: Margin = "5%", scheme: Scheme = "ft", dtype: Dtype = "fp16",
-         batch: Batch = 1, seq: Seq = 512, attention: Attention = "sdpa", lora_rank: LoraRank = 8,
-         grad_checkpointing: Checkpointing = False, hf_version: HfVersion = "current", as_json: Json = False) -> None:
+         methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft", dtype: DtypeOpt = "fp16",
+         batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa", lora_rank: LoraRankOpt = 8,
+         grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current", as_json: JsonOpt = False) -> None:
     """Fit / tight / no-fit grid on one GPU: models as rows, methods as columns, each cell with its GiB."""
     from memplan import charts
     from memplan.cli.fit import methods_from
@@ -65,11 +65,11 @@ def grid(gpu: Gpu, output: Output,
 
 @chart_app.command("breakdown")
 @guarded
-def breakdown(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: Gpu,
-              output: Output, methods: Methods = "all", margin: Margin = "5%", scheme: Scheme = "ft",
-              dtype: Dtype = "fp16", batch: Batch = 1, seq: Seq = 512, attention: Attention = "sdpa",
-              lora_rank: LoraRank = 8, grad_checkpointing: Checkpointing = False, hf_version: HfVersion = "current",
-              as_json: Json = False) -> None:
+def breakdown(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: GpuOpt,
+              output: OutputOpt, methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft",
+              dtype: DtypeOpt = "fp16", batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa",
+              lora_rank: LoraRankOpt = 8, grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current",
+              as_json: JsonOpt = False) -> None:
     """Stacked bars by memory category, one per method, with the GPU's capacity as a line."""
     from memplan import charts
     from memplan.cli.fit import methods_from
@@ -80,12 +80,12 @@ def breakdown(model: Annotated[str, typer.Argument(help="Catalog id or alias, or
 
 @chart_app.command("sweep")
 @guarded
-def sweep(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: Gpu,
-          output: Output, values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],
+def sweep(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: GpuOpt,
+          output: OutputOpt, values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],
           over: Annotated[str, typer.Option("--over", help="seq | batch")] = "seq",
-          methods: Methods = "all", margin: Margin = "5%", scheme: Scheme = "ft", dtype: Dtype = "fp16",
-          batch: Batch = 1, seq: Seq = 512, attention: Attention = "sdpa", lora_rank: LoraRank = 8,
-          grad_checkpointing: Checkpointing = False, hf_version: HfVersion = "current", as_json: Json = False) -> None:
+          methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft", dtype: DtypeOpt = "fp16",
+          batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa", lora_rank: LoraRankOpt = 8,
+          grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current", as_json: JsonOpt = False) -> None:
     """Peak memory against sequence length (or batch), one line per method, with the GPU's capacity."""
     from memplan import charts
     from memplan.cli.fit import methods_from
