@@ -24,7 +24,8 @@ from memplan.options import Config, Method
 TierName = Literal["analytic", "trace"]
 _METHODS_SCHEMA = {
     "anyOf": [
-        {"enum": ["all", *(m.value for m in Method)], "description": "; ".join(f"{m.value}: {m.__doc__}" for m in Method)},
+        {"enum": ["all", *(m.value for m in Method)],
+         "description": "; ".join(f"{m.value}: {m.__doc__}" for m in Method)},
         {"type": "array", "items": {"enum": [m.value for m in Method]}, "minItems": 1},
     ],
 }
@@ -100,8 +101,10 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="memplan plan")
 
-    gpus: list[str] = Field(min_length=1, description="GPU catalog names (`memplan gpus`), or `auto` for the local one.")
-    margin: Annotated[str, WithJsonSchema({"anyOf": [{"type": "string", "examples": ["5%", "2GiB"]}, {"const": 0}]})] = Field(
+    gpus: list[str] = Field(min_length=1,
+                            description="GPU catalog names (`memplan gpus`), or `auto` for the local one.")
+    margin: Annotated[str, WithJsonSchema({"anyOf": [{"type": "string", "examples": ["5%", "2GiB"]},
+                                                     {"const": 0}]})] = Field(
         str(DEFAULT_MARGIN), description="Memory kept free on each GPU: a share (`5%`) or an amount (`2GiB`, bytes). "
         "A run fits when its peak device bytes are at most total - margin.")
     tier: TierName = Field("analytic", description="Estimator: `analytic` (closed form, instant) or `trace` "

@@ -73,7 +73,8 @@ def test_json_plan_and_method_all():
     ("batch: 16", "batch: lots", r"runs\[0\]\.batch: .*integer.*got 'lots'"),
     ("runs:", "runz:", r"runs: required key missing.*runz: unknown key 'runz'; did you mean runs\?"),
     ("gpus: [h100]\n", "gpus: [h100\n", r"^plan\.yaml: line 2, column 7: invalid YAML: "),
-    ("seq: 512", "seq: 512\n  - {name: opt13b-zo, model: opt-125m}", r"runs\[1\]\.name: 'opt13b-zo' is also the name of runs\[0\]"),
+    ("seq: 512", "seq: 512\n  - {name: opt13b-zo, model: opt-125m}",
+     r"runs\[1\]\.name: 'opt13b-zo' is also the name of runs\[0\]"),
 ])
 def test_bad_plans_name_file_key_and_fix(old, new, message):
     assert old in GOOD

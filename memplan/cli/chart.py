@@ -53,7 +53,8 @@ def grid(gpu: GpuOpt, output: OutputOpt,
          models: Annotated[str, typer.Option("--models", help="Comma-separated models (rows).")],
          methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft", dtype: DtypeOpt = "fp16",
          batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa", lora_rank: LoraRankOpt = 8,
-         grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current", as_json: JsonOpt = False) -> None:
+         grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current",
+         as_json: JsonOpt = False) -> None:
     """Fit / tight / no-fit grid on one GPU: models as rows, methods as columns, each cell with its GiB."""
     from memplan import charts
     from memplan.cli.fit import methods_from
@@ -68,8 +69,8 @@ def grid(gpu: GpuOpt, output: OutputOpt,
 def breakdown(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: GpuOpt,
               output: OutputOpt, methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft",
               dtype: DtypeOpt = "fp16", batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa",
-              lora_rank: LoraRankOpt = 8, grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current",
-              as_json: JsonOpt = False) -> None:
+              lora_rank: LoraRankOpt = 8, grad_checkpointing: CheckpointingOpt = False,
+              hf_version: HfVersionOpt = "current", as_json: JsonOpt = False) -> None:
     """Stacked bars by memory category, one per method, with the GPU's capacity as a line."""
     from memplan import charts
     from memplan.cli.fit import methods_from
@@ -81,11 +82,13 @@ def breakdown(model: Annotated[str, typer.Argument(help="Catalog id or alias, or
 @chart_app.command("sweep")
 @guarded
 def sweep(model: Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")], gpu: GpuOpt,
-          output: OutputOpt, values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],
+          output: OutputOpt,
+          values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],
           over: Annotated[str, typer.Option("--over", help="seq | batch")] = "seq",
           methods: MethodsOpt = "all", margin: MarginOpt = "5%", scheme: SchemeOpt = "ft", dtype: DtypeOpt = "fp16",
           batch: BatchOpt = 1, seq: SeqOpt = 512, attention: AttentionOpt = "sdpa", lora_rank: LoraRankOpt = 8,
-          grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current", as_json: JsonOpt = False) -> None:
+          grad_checkpointing: CheckpointingOpt = False, hf_version: HfVersionOpt = "current",
+          as_json: JsonOpt = False) -> None:
     """Peak memory against sequence length (or batch), one line per method, with the GPU's capacity."""
     from memplan import charts
     from memplan.cli.fit import methods_from

@@ -81,7 +81,8 @@ def check_table(results: list):
         table.add_column(name, justify="right" if name in ("peak", "budget", "headroom") else "left",
                          overflow="fold")  # names wrap rather than lose their ends
     for r in results:
-        table.add_row(escape(r.plan), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes), fmt_gib(r.budget_bytes),
-                      fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes), r.estimate.peak_phase.value,
+        table.add_row(escape(r.plan), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes),
+                      fmt_gib(r.budget_bytes), fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes),
+                      r.estimate.peak_phase.value,
                       "[green]fits[/green]" if r.fits else "[red]does not fit[/red]")
     return table
