@@ -27,13 +27,15 @@ def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:
     return add_overheads(comps, fam, correction=corrections.for_family(fam.name))[3]
 
 
-def _largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str) -> int:
-    """Largest value of `field` (batch or seq) that fits: exponential then binary search.
+def _largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str, budget: int | None = None) -> int:
+    """Largest value of `field` (batch or seq) whose peak is within `budget` (default: the whole GPU).
 
-    The peak grows monotonically with batch and seq, so the boundary is exact.
+    Exponential then binary search; the peak grows monotonically with batch and seq, so the boundary is exact.
     """
+    budget = gpu.total_bytes if budget is None else budget
+
     def fits(n: int) -> bool:
-        return device_bytes(cfg.model_copy(update={field: n}), spec, gpu) <= gpu.total_bytes
+        return device_bytes(cfg.model_copy(update={field: n}), spec, gpu) <= budget
 
     if not fits(1):
         return 0

@@ -33,7 +33,9 @@ def views(allocated: int, fam: Family, *, correction: dict | None = None) -> tup
     if correction:
         slack = correction.get("allocator_slack", slack)
         context = correction.get("context_bytes", context)
-    reserved = allocated + int(allocated * slack)
+    # Integer arithmetic (slack in parts per million): a float product overflows for absurd requests
+    # such as batch 10^300, which must still get an answer ("does not fit"), not a crash.
+    reserved = allocated + allocated * round(slack * 1_000_000) // 1_000_000
     reserved = -(-reserved // SEGMENT) * SEGMENT
     return allocated, reserved, reserved + context
 

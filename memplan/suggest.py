@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 from memplan import hardware
-from memplan.result import Estimate
-from memplan.options import Config, Method, Scheme
+from memplan.margin import Margin
+from memplan.options import Attention, Config, Method, Scheme
+from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One change (a Config field, or `gpu`) and the peak device bytes after it."""
+
+    field: str
+    value: object
+    peak_device_bytes: int
+
+    @property
+    def flag(self) -> str:
+        """As `memplan fit` spells it: `--batch 4`, `--grad-checkpointing`."""
+        name = "--" + self.field.replace("_", "-")
+        return name if self.value is True else f"{name} {self.value}"
+
+    @property
+    def key(self) -> str:
+        """As a plan file spells it: `batch: 4`, `grad_checkpointing: true`, `gpus: [a100-80gb]`."""
+        if self.field == "gpu":
+            return f"gpus: [{self.value}]"
+        return f"{self.field}: {'true' if self.value is True else self.value}"
+
+    def to_json_dict(self) -> dict:
+        return {"field": self.field, "value": self.value, "peak_device_bytes": self.peak_device_bytes}
 
 
 def _config_of(est: Estimate, base: Config | None) -> Config:
@@ -14,40 +43,50 @@ def _config_of(est: Estimate, base: Config | None) -> Config:
     return base.replace(**fields) if base else Config(model=est.model, **fields)
 
 
-def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, base: Config | None = None) -> list[tuple[str, int]]:
-    """(change, device bytes after it) for each single change that makes `est` fit on `gpu`."""
-    from memplan.api import device_bytes
+def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, base: Config | None = None,
+          margin: Margin | None = None) -> list[Fix]:
+    """Each single change that makes `est` fit on `gpu` (within `margin`), least disruptive first.
 
+    Order: kernels and recomputation keep the training maths; then a smaller batch or seq (the
+    largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
+    """
+    from memplan.api import _largest, device_bytes
+
+    margin = margin or Margin()
+    budget = margin.budget(gpu.total_bytes)
     cfg = _config_of(est, base)
-    out: list[tuple[str, int]] = []
+    out: list[Fix] = []
 
-    def attempt(label: str, **update) -> None:
-        n = device_bytes(cfg.replace(**update), spec, gpu)
-        if n <= gpu.total_bytes:
-            out.append((label, n))
+    def attempt(field: str, value) -> None:
+        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
+        if n <= budget:
+            out.append(Fix(field, value.value if isinstance(value, Enum) else value, n))
 
-    if est.max_batch:
-        attempt(f"--batch {est.max_batch}", batch=est.max_batch)
-    if est.max_seq:
-        attempt(f"--seq {est.max_seq}", seq=est.max_seq)
+    if cfg.attention is not Attention.SDPA:
+        attempt("attention", Attention.SDPA)
     if cfg.method.is_fo and not cfg.grad_checkpointing:
-        attempt("--grad-checkpointing", grad_checkpointing=True)
-    if cfg.attention.value == "eager":
-        attempt("--attention sdpa", attention="sdpa")
+        attempt("grad_checkpointing", True)
+    for field, known in (("batch", est.max_batch), ("seq", est.max_seq)):
+        # est.max_* were searched against the whole GPU; a margin needs its own search.
+        n = known if known is not None and budget == gpu.total_bytes else _largest(cfg, spec, gpu, field, budget)
+        if 0 < n < getattr(cfg, field):
+            attempt(field, n)
     if cfg.scheme is Scheme.FT:
-        attempt("--scheme lora", scheme=Scheme.LORA)
+        attempt("scheme", Scheme.LORA)
     if cfg.method is not Method.ZO_SGD:
-        attempt("--method zo-sgd", method=Method.ZO_SGD)
-    # The smallest catalog GPU that holds it unchanged.
-    from memplan.api import estimate_config
-
+        attempt("method", Method.ZO_SGD)
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):
         if other.total_bytes > gpu.total_bytes:
-            n = estimate_config(cfg, other, search=False, spec=spec).peak_device_bytes
-            if n <= other.total_bytes:
-                out.append((f"--gpu {other.name}", n))
+            n = device_bytes(cfg, spec, other)
+            if n <= margin.budget(other.total_bytes):
+                out.append(Fix("gpu", other.name, n))
                 break
     return out
+
+
+def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
+    """`--batch 4 (21.3 GiB), --scheme lora (...)`: flags for `fit`, keys for a plan file."""
+    return ", ".join(f"{f.key if plan_keys else f.flag} ({f.peak_device_bytes / GIB:.1f} GiB)" for f in found)
 
 
 def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None, base: Config | None = None) -> list[str]:
@@ -57,5 +96,4 @@ def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None, base: 
     found = fixes(est, spec, gpu, base)
     if not found:
         return [f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
-    parts = ", ".join(f"{label} ({n / (1 << 30):.1f} GiB)" for label, n in found)
-    return [f"{est.method.value} would fit with: {parts}"]
+    return [f"{est.method.value} would fit with: {describe(found)}"]

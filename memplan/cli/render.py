@@ -77,3 +77,21 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
 def exit_code(estimates: list[Estimate]) -> int:
     """0: all fit (or nothing to judge against); 1: some does not fit."""
     return 1 if any(e.fits is False for e in estimates) else 0
+
+
+def check_table(results: list):
+    """One row per run x GPU x method of `memplan check` (plan.Result)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="memplan check", title_justify="left", caption_justify="left",
+                  caption="GiB = 2^30 bytes; peak = device view; budget = GPU total - margin")
+    for name in ("plan", "run", "gpu", "method", "peak", "budget", "headroom", "phase", "verdict"):
+        table.add_column(name, justify="right" if name in ("peak", "budget", "headroom") else "left",
+                         overflow="fold")  # names wrap rather than lose their ends
+    for r in results:
+        table.add_row(escape(r.plan), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes),
+                      fmt_gib(r.budget_bytes), fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes),
+                      r.estimate.peak_phase.value,
+                      "[green]fits[/green]" if r.fits else "[red]does not fit[/red]")
+    return table

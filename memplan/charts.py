@@ -1,0 +1,280 @@
+"""Charts: fit / no-fit grids, stacked breakdowns, peak-vs-seq sweeps. Data first, drawing apart.
+
+`grid`, `breakdown` and `sweep` compute what a chart shows (plain numbers, from the analytic
+estimator); `save` draws it to PNG or SVG by the file's suffix. Drawing is deterministic: fixed size
+and dpi, a fixed SVG hash salt and no dates in the metadata, so the same input gives the same bytes.
+Matplotlib is imported only inside `save`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from memplan import hardware
+from memplan.errors import MemplanError
+from memplan.result import GIB, Category
+from memplan.margin import Margin
+from memplan.options import Config, Method
+
+FITS, TIGHT, NO_FIT = "fits", "tight", "no fit"
+STATUS_COLOURS = {FITS: "#5cb85c", TIGHT: "#f0ad4e", NO_FIT: "#d9534f"}
+METHOD_COLOURS = dict(zip((m.value for m in Method), (
+    "#1f77b4", "#d62728", "#9467bd", "#2ca02c", "#17becf", "#bcbd22", "#8c564b", "#ff7f0e")))
+# Markers and dashes tell apart lines that coincide (zo-sgd, zo-sgd-cons and zo-sgd-sign often do).
+METHOD_STYLES = dict(zip((m.value for m in Method), (
+    ("o", "-"), ("s", "-"), ("^", "-"), ("D", "--"), ("v", "-."), ("P", ":"), ("X", (0, (5, 1))), ("*", "-"))))
+CATEGORY_COLOURS = dict(zip((c.value for c in Category), (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")))
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The GPU a chart judges against and the margin it keeps free."""
+
+    gpu: str
+    display: str
+    total_bytes: int
+    margin: str
+    margin_bytes: int
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.total_bytes - self.margin_bytes
+
+    def status(self, peak_bytes: int) -> str:
+        """fits (within total - margin), tight (within the margin), no fit (over the total)."""
+        if peak_bytes <= self.budget_bytes:
+            return FITS
+        return TIGHT if peak_bytes <= self.total_bytes else NO_FIT
+
+
+@dataclass(frozen=True)
+class GridChart:
+    capacity: Capacity
+    models: list[str]
+    methods: list[str]
+    peak_bytes: list[list[int]]  # [model][method], device view
+    status: list[list[str]]  # [model][method]: fits | tight | no fit
+    subtitle: str
+    kind: str = "grid"
+
+
+@dataclass(frozen=True)
+class BreakdownChart:
+    capacity: Capacity
+    model: str
+    methods: list[str]
+    components: dict[str, list[int]]  # category -> bytes at the peak, one per method
+    peak_bytes: list[int]
+    subtitle: str
+    kind: str = "breakdown"
+
+
+@dataclass(frozen=True)
+class SweepChart:
+    capacity: Capacity
+    model: str
+    over: str  # "seq" or "batch"
+    values: list[int]
+    peak_bytes: dict[str, list[int]]  # method -> one per value
+    subtitle: str
+    kind: str = "sweep"
+    warnings: list[str] = field(default_factory=list)
+
+
+Chart = GridChart | BreakdownChart | SweepChart
+
+
+def to_json_dict(chart: Chart) -> dict:
+    return asdict(chart)
+
+
+def _capacity(gpu: str | hardware.Gpu, margin: str | int | Margin) -> tuple[hardware.Gpu, Capacity]:
+    g = gpu if isinstance(gpu, hardware.Gpu) else hardware.get_gpu(gpu)
+    try:
+        m = Margin.parse(margin)
+    except ValueError as e:
+        raise MemplanError(f"--margin: {e}") from None
+    return g, Capacity(g.name, g.display, g.total_bytes, str(m), m.bytes_of(g.total_bytes))
+
+
+def _subtitle(cfg: Config, *, skip: str = "") -> str:
+    parts = [cfg.scheme.value, cfg.dtype.value, f"batch {cfg.batch}" if skip != "batch" else "",
+             f"seq {cfg.seq}" if skip != "seq" else "", f"{cfg.attention.value} attention"]
+    if cfg.grad_checkpointing:
+        parts.append("grad checkpointing")
+    return ", ".join(p for p in parts if p)
+
+
+def _peaks(model: str, methods: list[Method | str], gpu: hardware.Gpu, options: dict) -> list:
+    from memplan.api import estimate_config
+    from memplan.spec import resolve
+
+    if not methods:
+        raise MemplanError("--methods: name at least one method, or all")
+    spec = resolve(model)
+    return [estimate_config(Config(model=model, method=m, **options), gpu, search=False, spec=spec) for m in methods]
+
+
+def grid(models: list[str], methods: list[Method | str], gpu: str | hardware.Gpu, *, margin: str | int = "5%",
+         **options) -> GridChart:
+    """Fit / tight / no fit of every model (rows) x method (columns) on one GPU; options are Config fields."""
+    if not models:
+        raise MemplanError("--models: name at least one model")
+    g, cap = _capacity(gpu, margin)
+    rows = [_peaks(model, methods, g, options) for model in models]
+    peak = [[e.peak_device_bytes for e in row] for row in rows]
+    return GridChart(cap, [row[0].model for row in rows], [e.method.value for e in rows[0]], peak,
+                     [[cap.status(n) for n in row] for row in peak],
+                     _subtitle(Config(model=models[0], **options)))
+
+
+def breakdown(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, margin: str | int = "5%",
+              **options) -> BreakdownChart:
+    """Bytes by category at each method's peak, for one configuration on one GPU."""
+    g, cap = _capacity(gpu, margin)
+    ests = _peaks(model, methods, g, options)
+    used = [c for c in Category if any(e.components.get(c, 0) for e in ests)]
+    return BreakdownChart(cap, ests[0].model, [e.method.value for e in ests],
+                          {c.value: [e.components.get(c, 0) for e in ests] for c in used},
+                          [e.peak_device_bytes for e in ests], _subtitle(Config(model=model, **options)))
+
+
+def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, over: str, values: list[int],
+          margin: str | int = "5%", **options) -> SweepChart:
+    """Peak device bytes against sequence length (or batch), one line per method."""
+    if over not in ("seq", "batch"):
+        raise MemplanError(f"--over: sweep over seq or batch, got {over!r}")
+    if not values or any(v < 1 for v in values):
+        raise MemplanError(f"--values: positive integers, got {values}")
+    g, cap = _capacity(gpu, margin)
+    values = sorted(set(values))
+    columns = [_peaks(model, methods, g, {**options, over: v}) for v in values]
+    peak = {e.method.value: [col[i].peak_device_bytes for col in columns] for i, e in enumerate(columns[0])}
+    warnings = sorted({w for col in columns for e in col for w in e.warnings})
+    return SweepChart(cap, columns[0][0].model, over, values, peak,
+                      _subtitle(Config(model=model, **options), skip=over), warnings=warnings)
+
+
+# ---- drawing ----------------------------------------------------------------------------------
+
+
+def _gib(n: int) -> float:
+    return n / GIB
+
+
+def _capacity_lines(ax, cap: Capacity) -> None:
+    ax.axhline(_gib(cap.total_bytes), color="black", linewidth=1.5,
+               label=f"{cap.gpu} capacity: {_gib(cap.total_bytes):.1f} GiB")
+    if cap.margin_bytes:
+        ax.axhline(_gib(cap.budget_bytes), color="black", linewidth=1, linestyle=":",
+                   label=f"capacity - {cap.margin} margin: {_gib(cap.budget_bytes):.1f} GiB")
+
+
+def _draw_grid(fig, c: GridChart) -> None:
+    from matplotlib.patches import Patch
+
+    ax = fig.add_subplot()
+    for i, row in enumerate(c.peak_bytes):
+        for j, n in enumerate(row):
+            status = c.status[i][j]
+            ax.add_patch(_rect(j, i, STATUS_COLOURS[status]))
+            ax.text(j + 0.5, i + 0.5, f"{_gib(n):.1f} GiB", ha="center", va="center", fontsize=9,
+                    color="white" if status == NO_FIT else "black")
+    ax.set_xlim(0, len(c.methods))
+    ax.set_ylim(len(c.models), 0)
+    ax.set_xticks([j + 0.5 for j in range(len(c.methods))], c.methods, rotation=30, ha="right")
+    ax.set_yticks([i + 0.5 for i in range(len(c.models))], c.models)
+    ax.tick_params(length=0)
+    ax.set_title(f"Peak device memory (GiB) on {c.capacity.display} ({_gib(c.capacity.total_bytes):.1f} GiB)\n"
+                 f"{c.subtitle}", fontsize=11)
+    budget = _gib(c.capacity.budget_bytes)
+    labels = {FITS: f"fits (<= {budget:.1f} GiB: capacity - {c.capacity.margin} margin)",
+              TIGHT: "tight (within the margin)", NO_FIT: f"no fit (> {_gib(c.capacity.total_bytes):.1f} GiB)"}
+    ax.legend(handles=[Patch(color=STATUS_COLOURS[s], label=labels[s]) for s in labels],
+              loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9)
+
+
+def _rect(x: float, y: float, colour: str):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="white", linewidth=2)
+
+
+def _draw_breakdown(fig, c: BreakdownChart) -> None:
+    ax = fig.add_subplot()
+    x = range(len(c.methods))
+    bottom = [0.0] * len(c.methods)
+    for cat, values in c.components.items():
+        heights = [_gib(v) for v in values]
+        ax.bar(x, heights, bottom=bottom, color=CATEGORY_COLOURS[cat], label=cat, width=0.7)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, n in enumerate(c.peak_bytes):
+        ax.text(i, _gib(n), f"{_gib(n):.1f}", ha="center", va="bottom", fontsize=9)
+    _capacity_lines(ax, c.capacity)
+    ax.set_xticks(list(x), c.methods, rotation=30, ha="right")
+    ax.set_ylabel("peak device memory (GiB = 2^30 bytes)")
+    ax.set_title(f"{c.model} on {c.capacity.display}: memory at the peak, by category\n{c.subtitle}", fontsize=11)
+    handles, labels = ax.get_legend_handles_labels()
+    n = len(c.components)  # bars first, then the capacity lines; list the stack top-down
+    order = list(range(n, len(handles))) + list(range(n - 1, -1, -1))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", bbox_to_anchor=(1.01, 1),
+              fontsize=9, frameon=False)
+
+
+def _draw_sweep(fig, c: SweepChart) -> None:
+    ax = fig.add_subplot()
+    for method, peaks in c.peak_bytes.items():
+        marker, dashes = METHOD_STYLES[method]
+        ax.plot(c.values, [_gib(n) for n in peaks], marker=marker, linestyle=dashes, markersize=5,
+                color=METHOD_COLOURS[method], label=method)
+    _capacity_lines(ax, c.capacity)
+    if len(c.values) > 1 and c.values[-1] / c.values[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(c.values, [str(v) for v in c.values])
+    ax.minorticks_off()
+    ax.set_xlabel("sequence length (tokens)" if c.over == "seq" else "batch (sequences)")
+    ax.set_ylabel("peak device memory (GiB = 2^30 bytes)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    what = "sequence length" if c.over == "seq" else "batch"
+    ax.set_title(f"{c.model} on {c.capacity.display}: peak memory against {what}\n{c.subtitle}", fontsize=11)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
+
+
+def _size(c: Chart) -> tuple[float, float]:
+    if isinstance(c, GridChart):
+        return max(6.0, 0.95 * len(c.methods) + 1.5), max(2.8, 0.6 * len(c.models) + 2.0)
+    return 10.0, 5.5
+
+
+def save(chart: Chart, path: str | Path) -> Chart:
+    """Draw `chart` to `path` (.png or .svg), atomically; returns the chart (the plotted data)."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg"):
+        raise MemplanError(f"{path}: charts are written as .png or .svg, got {path.suffix or 'no suffix'!r}")
+    import io
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from memplan.reports import write_atomic
+
+    rc = {"svg.hashsalt": "memplan", "svg.fonttype": "none", "font.family": "DejaVu Sans", "font.size": 10}
+    draw = {GridChart: _draw_grid, BreakdownChart: _draw_breakdown, SweepChart: _draw_sweep}[type(chart)]
+    with matplotlib.rc_context(rc):
+        fig = Figure(figsize=_size(chart), dpi=DPI)
+        FigureCanvasAgg(fig)
+        draw(fig, chart)
+        buf = io.BytesIO()
+        metadata = {"Software": "memplan"} if fmt == "png" else {"Date": None, "Creator": "memplan"}
+        fig.savefig(buf, format=fmt, dpi=DPI, metadata=metadata, bbox_inches="tight", facecolor="white")
+    try:
+        write_atomic(path, buf.getvalue())
+    except OSError as e:
+        raise MemplanError(f"{path}: cannot write ({e.strerror or e})") from None
+    return chart

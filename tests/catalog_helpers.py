@@ -1,0 +1,22 @@
+"""Tests that name GPUs the catalog will hold (a100-80gb, rtx-4090...) skip while it does not yet."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan import hardware
+from memplan.errors import MemplanError
+
+
+def has_gpu(name: str) -> bool:
+    try:
+        hardware.get_gpu(name)
+    except MemplanError:
+        return False
+    return True
+
+
+def needs_gpu(*names: str):
+    """Mark: skip unless every named GPU is in the catalog."""
+    missing = [n for n in names if not has_gpu(n)]
+    return pytest.mark.skipif(bool(missing), reason=f"not in the GPU catalog yet: {', '.join(missing)}")

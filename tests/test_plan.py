@@ -1,0 +1,180 @@
+"""Plan files: validation messages, margin arithmetic, results and fixes computed by the estimator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memplan import hardware, plan
+from memplan.api import _largest, device_bytes, estimate_config
+from memplan.errors import MemplanError
+from memplan.margin import Margin
+from memplan.options import Config
+from memplan.spec import resolve
+
+GIB = 1 << 30
+H100 = hardware.get_gpu("h100")
+
+GOOD = """\
+gpus: [h100]
+margin: 5%
+runs:
+  - name: opt13b-zo
+    model: facebook/opt-13b
+    method: [zo-sgd, fo-adam]
+    scheme: ft
+    dtype: fp16
+    batch: 16
+    seq: 512
+"""
+
+
+def test_margin_forms():
+    assert Margin.parse("5%").bytes_of(100 * GIB) == 5 * GIB
+    assert Margin.parse("2GiB").bytes_of(80 * GIB) == 2 * GIB
+    assert Margin.parse("512 MiB").fixed_bytes == 512 << 20
+    assert Margin.parse("1.5GB").fixed_bytes == 1_500_000_000  # SI: 10^9
+    assert Margin.parse(0) == Margin.parse("0") == Margin()
+    assert str(Margin.parse("2gib")) == "2GiB" and str(Margin.parse("5%")) == "5%"
+
+
+@pytest.mark.parametrize("bad", [5, "5", "0.05", 0.05, "100%", "-1GiB", "2 potatoes", True, None])
+def test_margin_refuses_ambiguous_or_invalid(bad):
+    with pytest.raises(ValueError, match="5%|share"):
+        Margin.parse(bad)
+
+
+def test_parse_good_plan():
+    pf = plan.parse(GOOD)
+    run = pf.plan.runs[0]
+    assert [m.value for m in run.method] == ["zo-sgd", "fo-adam"]
+    assert [c.method.value for c in run.configs()] == ["zo-sgd", "fo-adam"]
+    assert all(isinstance(c, Config) and c.batch == 16 for c in run.configs())
+    assert pf.plan.margin == "5%" and pf.plan.tier == "analytic"
+    assert pf.run_lines == (4,)  # `- name:` is on line 4
+
+
+def test_json_plan_and_method_all():
+    text = json.dumps({"gpus": "h100", "runs": [{"model": "opt-125m", "method": "all"}]})
+    pf = plan.parse(text, "p.json")
+    assert pf.plan.gpus == ["h100"] and len(pf.plan.runs[0].method) == 8
+    assert pf.plan.run_names() == ["runs[0]"]
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("batch: 16", "batch: 0", r"^plan\.yaml: runs\[0\]\.batch: must be >= 1, got 0 \(line 9\)$"),
+    ("batch: 16", "batchh: 16", r"runs\[0\]\.batchh: unknown key 'batchh' \(did you mean batch\?\); valid: .*seq"),
+    ("zo-sgd,", "zo-sdg,", r"runs\[0\]\.method: unknown method 'zo-sdg' \(did you mean zo-sgd"),
+    ("[h100]", "[h10]", r"gpus: unknown GPU 'h10' \(did you mean h100"),
+    ("facebook/opt-13b", "opt-13", r"runs\[0\]\.model: unknown model 'opt-13' \(did you mean opt-13b"),
+    ("5%", "5", r"margin: write a share such as 5% or an amount"),
+    ("fp16", "fp8", r"runs\[0\]\.dtype: unknown dtype 'fp8'; valid: amp-bf16, amp-fp16, bf16, fp16, fp32"),
+    ("batch: 16", "batch: lots", r"runs\[0\]\.batch: .*integer.*got 'lots'"),
+    ("runs:", "runz:", r"runs: required key missing.*runz: unknown key 'runz' \(did you mean runs\?"),
+    ("gpus: [h100]\n", "gpus: [h100\n", r"^plan\.yaml: line 2, column 7: invalid YAML: "),
+    ("seq: 512", "seq: 512\n  - {name: opt13b-zo, model: opt-125m}",
+     r"runs\[1\]\.name: 'opt13b-zo' is also the name of runs\[0\]"),
+])
+def test_bad_plans_name_file_key_and_fix(old, new, message):
+    assert old in GOOD
+    with pytest.raises(MemplanError, match=message):
+        plan.parse(GOOD.replace(old, new))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected a mapping with keys gpus, margin, tier, runs; got an empty file"),
+    ("[1, 2]", "got a list"),
+    ('{"gpus": ["h100"],', r"p\.json: line 1, column 19: invalid JSON"),
+])
+def test_not_a_plan(text, message):
+    with pytest.raises(MemplanError, match=message):
+        plan.parse(text, "p.json" if text.startswith("{") else "plan.yaml")
+
+
+def test_model_path_is_relative_to_the_plan(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(
+        {"model_type": "opt", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 128}))
+    (tmp_path / "plan.yaml").write_text("gpus: [h100]\nruns: [{model: tiny, seq: 64}]\n")
+    pf = plan.load(tmp_path / "plan.yaml")
+    assert pf.plan.runs[0].model == str(tmp_path / "tiny")
+    assert plan.check(pf)[0].fits
+
+
+def test_schema_documents_every_field():
+    s = plan.schema()
+    assert s["additionalProperties"] is False
+    run = s["$defs"]["Run"]
+    assert run["additionalProperties"] is False
+    assert set(Config.model_fields) <= set(run["properties"])
+    for props in (s["properties"], run["properties"]):
+        assert all(p.get("description") for p in props.values())
+    assert "zo-sgd: MeZO" in json.dumps(run["properties"]["method"])
+    assert "eager: materialises" in s["$defs"]["Attention"]["description"]
+
+
+def test_fits_means_peak_within_total_minus_margin():
+    # The largest batch within the 5% budget fits; one more does not, though it fits the bare GPU.
+    spec, margin = resolve("opt-13b"), Margin.parse("5%")
+    budget = H100.total_bytes - H100.total_bytes * 5 // 100
+    cfg = Config(model="opt-13b", method="zo-sgd", seq=2048)
+    n = _largest(cfg, spec, H100, "batch", budget)
+    assert 1 < n < _largest(cfg, spec, H100, "batch")
+    text = "gpus: [h100]\nmargin: 5%\nruns:\n" + "".join(
+        f"  - {{name: b{b}, model: opt-13b, seq: 2048, batch: {b}}}\n" for b in (n, n + 1))
+    fits, over = plan.check(plan.parse(text))
+    assert fits.margin_bytes == margin.bytes_of(H100.total_bytes) == H100.total_bytes * 5 // 100
+    assert fits.budget_bytes == budget
+    assert fits.estimate.peak_device_bytes == device_bytes(cfg.model_copy(update={"batch": n}), spec, H100)
+    assert fits.fits and fits.estimate.peak_device_bytes <= budget
+    assert not over.fits and budget < over.estimate.peak_device_bytes <= H100.total_bytes
+    assert over.estimate.fits is True  # the estimate's own verdict has no margin
+    assert over.fixes[0].field == "batch" and over.fixes[0].value == n
+    assert over.advice().startswith(f"smallest change: batch: {n} (")
+
+
+def test_fixes_are_computed_and_each_one_fits():
+    pf = plan.parse(GOOD.replace("scheme: ft", "scheme: ft\n    attention: eager").replace("[zo-sgd, fo-adam]", "all"))
+    budget = Margin.parse("5%").budget(H100.total_bytes)
+    spec = resolve("opt-13b")
+    misfits = [r for r in plan.check(pf) if not r.fits]
+    assert {r.method for r in misfits} >= {"fo-sgd", "fo-adam"}
+    for r in misfits:
+        assert r.fixes, r.method
+        for fix in r.fixes:
+            if fix.field == "gpu":
+                continue
+            fields = dict(model="opt-13b", method=r.method, batch=16, seq=512, attention="eager")
+            cfg = Config(**{**fields, fix.field: fix.value})
+            assert fix.peak_device_bytes == estimate_config(cfg, H100, search=False, spec=spec).peak_device_bytes
+            assert fix.peak_device_bytes <= budget
+
+
+def test_trace_tier_missing_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tracing(name, *args, **kwargs):
+        if name == "memplan.tracing":
+            raise ModuleNotFoundError("No module named 'memplan.tracing'", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tracing)
+    with pytest.raises(MemplanError, match="tier: trace needs the trace tier .*use tier: analytic"):
+        plan.check(plan.parse(GOOD.replace("margin: 5%", "margin: 5%\ntier: trace")))
+
+
+def test_fit_suggestions_keep_their_flags():
+    from memplan.suggest import suggestions
+
+    spec = resolve("opt-13b")
+    est = estimate_config(Config(model="opt-13b", method="fo-adam", batch=16), H100, spec=spec)
+    zo = device_bytes(Config(model="opt-13b", method="zo-sgd", batch=16), spec, H100)
+    assert est.fits is False
+    # With the whole catalog, the H200 (140 GiB) is the smallest larger GPU that holds it unchanged.
+    h200 = device_bytes(Config(model="opt-13b", method="fo-adam", batch=16), spec, hardware.get_gpu("h200"))
+    assert suggestions(est, spec, H100) == [
+        f"fo-adam would fit with: --method zo-sgd ({zo / GIB:.1f} GiB), --gpu h200 ({h200 / GIB:.1f} GiB)"]
