@@ -225,10 +225,16 @@ def layer_transient_per_token(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
     return max(attn, mlp)
 
 
+def _upcast(s: Shapes) -> int:
+    """Bytes per element of `logits.float()`: a new fp32 copy unless the logits are fp32 already."""
+    return 4 if s.cb != 4 else 0
+
+
 def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(kept, transient) bytes of logits and loss at the end of the forward pass.
 
-    transformers 5: logits (cb), logits.float() (4, unless already fp32), log_softmax output (4).
+    transformers 5 (ForCausalLMLoss): logits (cb), logits.float() (4, unless fp32 already), and the
+    fp32 log_softmax output, all alive while the loss is computed.
     4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb, fp32 under autocast).
     """
     tv = s.tokens * spec.vocab_size
@@ -236,15 +242,28 @@ def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
         lsm = 4 if s.amp else s.cb
         kept = tv * (2 * s.cb + lsm)
         return kept, tv * (4 if s.amp else 0)
-    up = 4 if s.cb != 4 else 0
-    return tv * (s.cb + up + 4), 0
+    return tv * (s.cb + _upcast(s) + 4), 0
 
 
 def logits_backward(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
-    """Extra bytes at the start of backward: the loss gradient through log_softmax and the upcast."""
+    """Bytes of the loss's backward at its peak: log_softmax output, nll gradient, log_softmax gradient.
+
+    The logits themselves died with the model output; all three are fp32 (4.28: the loss dtype).
+    """
     tv = s.tokens * spec.vocab_size
-    # nll grad (fp32) + log_softmax grad (fp32) + grad cast back to cb.
-    return tv * (4 + 4 + (s.cb if s.cb != 4 else 0))
+    per = (4 if s.amp else s.cb) if cfg.hf_version is HfVersion.V4_28 else 4
+    return tv * 3 * per
+
+
+def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
+    """(primal, tangent) bytes of the logits and loss in a dual forward.
+
+    primal: logits (cb), fp32 upcast, log_softmax output and its exp (the log_softmax JVP needs the
+    probabilities); tangent: logits' tangent (cb), its upcast, and the log_softmax output's tangent.
+    """
+    tv = s.tokens * spec.vocab_size
+    up = _upcast(s)
+    return tv * (s.cb + up + 8), tv * (s.cb + up + 4)
 
 
 # ---- phases ---------------------------------------------------------------------------------
@@ -288,41 +307,73 @@ def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
         cache = spec.num_layers * s.tokens * 2 * spec.kv_dim * s.cb  # KV cache kept across layers
     layer = s.tokens * layer_transient_per_token(cfg, spec, s) + e * scores_transient_per_element(cfg, s)
     kept, transient = logits_forward(cfg, spec, s)
-    if cfg.hf_version is not HfVersion.V4_28:
-        kept -= s.tokens * spec.vocab_size * 4  # no grad: log_softmax frees its input's upcast soon
-    if layer + cache >= cache + kept + transient:
+    if layer >= kept + transient:
         return layer + cache, 0
     return cache, kept + transient
 
 
+def adjacent_pair_bytes(cfg: Config, spec: ModelSpec) -> int:
+    """Largest sum of two consecutive trainable tensors: a loop's new z is made before the old one dies."""
+    if cfg.scheme is not Scheme.FT:
+        return 2 * trainable(cfg, spec).largest_bytes
+    key = ("pair", cfg.dtype.weight_bytes)
+    if key not in spec.memo:
+        sizes = [round_block(t.numel * cfg.dtype.weight_bytes) for t in spec.tensors]
+        spec.memo[key] = max(a + b for a, b in zip(sizes, sizes[1:])) if len(sizes) > 1 else sizes[0]
+    return spec.memo[key]
+
+
+def zo_update_bytes(cfg: Config, spec: ModelSpec, largest: int) -> tuple[int, int]:
+    """(z, gradient) bytes alive at the peak of a ZO update.
+
+    ZO-Bench's update, per tensor: regenerate z, `p.grad = g * z / q` (z, g*z and the quotient: 3
+    copies of the largest tensor), `optimizer.step()` (in place for SGD and momentum; Adam's
+    sqrt(exp_avg_sq) temporary comes after g*z is freed, so still 3), `p.grad = None`.
+    zo-sgd in place: `p.add_(z, alpha=-lr * g)`, z alone (and the previous tensor's z while drawing).
+    q > 1: the accumulator holds the gradient; the final step is one foreach SGD / Adam over all.
+    """
+    if cfg.zo_queries > 1:
+        return largest, 0
+    if cfg.method is Method.ZO_SGD and cfg.perturbation is Perturbation.INPLACE:
+        return adjacent_pair_bytes(cfg, spec), 0
+    return largest, 2 * largest
+
+
 def _zo_phases(cfg, spec, s, base, train: Trainable, fam):
     largest = train.largest_bytes
-    # MeZO: param.data = param.data + scale * z * eps -> z, scale*z, (scale*z)*eps, then the new tensor
-    # while z and the product live: 3 temporaries of the largest tensor. In place: z alone.
-    k = 3 if cfg.perturbation is Perturbation.MEZO else 1
+    # MeZO: param.data = param.data + scale * z * eps holds z, scale*z and (scale*z)*eps, then z,
+    # the product and the new tensor: 3 of the largest tensor. In place: z, and the previous
+    # tensor's z until the new one replaces it.
+    if cfg.perturbation is Perturbation.MEZO:
+        perturb = 3 * largest
+    else:
+        perturb = adjacent_pair_bytes(cfg, spec)
     act, logits = _inference_peak(cfg, spec, s)
     ws = workspace_bytes(fam, backward=False)
-    out = {
+    z, grad = zo_update_bytes(cfg, spec, largest)
+    return {
         Phase.LOAD: dict(base),
-        Phase.PERTURB: _with(base, perturbation=k * largest),
+        Phase.PERTURB: _with(base, perturbation=perturb),
         Phase.FORWARD: _with(base, activations=act, logits=logits, workspace=ws),
-        # update: regenerate z, grad = g * z, optimizer step on that tensor (Adam: one temporary).
-        Phase.OPTIMIZER_STEP: _with(base, perturbation=largest, gradients=largest,
-                                    workspace=ws,
-                                    optimizer_state=largest if cfg.method is Method.ZO_ADAM else 0),
+        Phase.OPTIMIZER_STEP: _with(base, perturbation=z, gradients=grad, workspace=ws),
     }
-    return out
 
 
 def _fg_phases(cfg, spec, s, base, train: Trainable, fam):
     # Tangents: randn_like for every trainable tensor, held for the whole step. The dual forward
-    # carries a tangent beside every activation: about twice the inference transient.
-    act, logits = _inference_peak(cfg, spec, s)
+    # carries a tangent beside every live activation: twice the inference transient.
+    act, _ = _inference_peak(cfg, spec, s)
+    primal, tangent = fg_logits(cfg, spec, s)
     ws = workspace_bytes(fam, backward=False)
+    if act >= primal + tangent:
+        fwd = _with(base, tangents=train.bytes + act, activations=act, workspace=ws)
+    else:
+        fwd = _with(base, tangents=train.bytes + tangent, logits=primal, workspace=ws)
     return {
         Phase.LOAD: dict(base),
-        Phase.FORWARD: _with(base, tangents=train.bytes + act, activations=act, logits=2 * logits, workspace=ws),
-        Phase.OPTIMIZER_STEP: _with(base, tangents=train.bytes, perturbation=train.largest_bytes),
+        Phase.FORWARD: fwd,
+        # p.sub_(lr * (v * jvp)): two temporaries of the largest tensor.
+        Phase.OPTIMIZER_STEP: _with(base, tangents=train.bytes, perturbation=2 * train.largest_bytes),
     }
 
 
@@ -344,12 +395,12 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     grads = train.bytes
     ws_f = workspace_bytes(fam, backward=False)
     ws = workspace_bytes(fam, backward=True)
-    embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if trains_weights else 0
+    # A tied embedding gets two gradients (lm_head's, the embedding's dense one) summed in place at
+    # the end of backward: one extra vocab x hidden tensor then.
+    tied = trains_weights and spec.tie_word_embeddings
+    embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if tied else 0
     forward = _with(base, activations=saved + cast_cache, logits=kept_logits + transient_logits, workspace=ws_f)
-    # Start of backward: everything saved, plus the loss gradient, plus the lm_head weight gradient.
-    back_start = _with(base, activations=saved + cast_cache, logits=kept_logits + logits_backward(cfg, spec, s),
-                       gradients=embed, workspace=ws)
-    # End of backward: every gradient, plus the embedding's dense gradient before accumulation.
+    back_start = _with(base, activations=saved + cast_cache, logits=logits_backward(cfg, spec, s), workspace=ws)
     back_end = _with(base, gradients=grads + embed, workspace=ws)
     backward = max(back_start, back_end, key=lambda d: sum(d.values()))
     step_tmp = 0
@@ -357,7 +408,7 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
         # foreach Adam: sqrt(exp_avg_sq) for all params at once (~1x params); for-loop: one tensor.
         step_tmp = train.bytes if cfg.foreach else train.largest_bytes
     return {
-        Phase.LOAD: dict(base),
+        Phase.LOAD: _with(base, gradients=grads),  # zero_grad(set_to_none) runs at the next step's start
         Phase.FORWARD: forward,
         Phase.BACKWARD: backward,
         Phase.OPTIMIZER_STEP: _with(base, gradients=grads, optimizer_state=step_tmp, workspace=ws),

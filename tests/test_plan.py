@@ -168,13 +168,21 @@ def test_trace_tier_missing_is_a_clear_error(monkeypatch):
 
 
 def test_fit_suggestions_keep_their_flags():
-    from memplan.suggest import suggestions
+    from memplan.suggest import fixes, suggestions
 
     spec = resolve("opt-13b")
-    est = estimate_config(Config(model="opt-13b", method="fo-adam", batch=16), H100, spec=spec)
-    zo = device_bytes(Config(model="opt-13b", method="zo-sgd", batch=16), spec, H100)
+    cfg = Config(model="opt-13b", method="fo-adam", batch=16)
+    est = estimate_config(cfg, H100, spec=spec)
     assert est.fits is False
-    # With the whole catalog, the H200 (140 GiB) is the smallest larger GPU that holds it unchanged.
-    h200 = device_bytes(Config(model="opt-13b", method="fo-adam", batch=16), spec, hardware.get_gpu("h200"))
-    assert suggestions(est, spec, H100) == [
-        f"fo-adam would fit with: --method zo-sgd ({zo / GIB:.1f} GiB), --gpu h200 ({h200 / GIB:.1f} GiB)"]
+    found = fixes(est, spec, H100)
+    # Each suggestion is a flag of `fit`, and applying it makes the run fit, by the estimator.
+    for fix in found:
+        gpu = hardware.get_gpu(fix.value) if fix.field == "gpu" else H100
+        changed = cfg if fix.field == "gpu" else cfg.replace(**{fix.field: fix.value})
+        assert fix.peak_device_bytes == device_bytes(changed, spec, gpu) <= gpu.total_bytes
+    # ZO-SGD fits (28.9 GiB) and the H200 (140 GiB) is the smallest larger GPU that holds it as it is.
+    zo = device_bytes(cfg.replace(method="zo-sgd"), spec, H100)
+    h200 = device_bytes(cfg, spec, hardware.get_gpu("h200"))
+    line = suggestions(est, spec, H100)[0]
+    assert line.startswith("fo-adam would fit with: ")
+    assert f"--method zo-sgd ({zo / GIB:.1f} GiB)" in line and line.endswith(f"--gpu h200 ({h200 / GIB:.1f} GiB)")
