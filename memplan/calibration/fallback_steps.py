@@ -107,7 +107,7 @@ class Stepper:
         on_phase(Phase.OPTIMIZER_STEP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     # ---- forward gradient ------------------------------------------------------------------
 

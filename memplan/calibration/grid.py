@@ -123,7 +123,7 @@ def load(path: str | Path) -> Grid:
     return grid
 
 
-def _model(grid: Grid, name: str, where: str, base: Path) -> tuple[str, dict]:
+def _model(grid: Grid, name: str, base: Path) -> tuple[str, dict]:
     """(name, config dict) of a model: the grid's own, else what `memplan fit` would resolve."""
     from memplan.spec import resolve, spec_from_config
 
@@ -134,7 +134,7 @@ def _model(grid: Grid, name: str, where: str, base: Path) -> tuple[str, dict]:
             p = p if p.is_absolute() else base / p
             spec = resolve(str(p))
             return name, dict(spec.config)
-        spec_from_config(entry, name, where=f"{where}: models.{name}")  # validates the fields now
+        spec_from_config(entry, name, where=f"models.{name}")  # validates the fields now
         return name, dict(entry)
     local = base / name
     if local.exists():
@@ -163,8 +163,8 @@ def jobs(grid: Grid) -> list[Job]:
         if "model" not in merged:
             raise MemplanError(f"{where}: no `model` (name one here, in `defaults:`, or under `models:`)")
         for fields in _expand(merged):
-            model_name, model_config = _model(grid, str(fields["model"]), where, base)
             try:
+                model_name, model_config = _model(grid, str(fields["model"]), base)
                 cfg = Config(**{**fields, "model": model_name})
             except ValidationError as e:
                 raise MemplanError(f"{where}: {_first_error(e)}") from None

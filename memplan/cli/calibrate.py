@@ -36,6 +36,8 @@ def _run(grid, out, device, cpu_cap_bytes, timeout_s, budget_s, isolation) -> in
 
         raise unknown("device", device, ["auto", "cuda", "cpu"])
     g = grid_mod.load(grid)
+    grid_mod.jobs(g)  # bad configs and devices fail here, before the progress bar draws
+    runner.resolve_device(device or g.device)
     out_console = console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=out_console, transient=False) as progress:
