@@ -33,7 +33,7 @@ def _wait_for_records(path: Path, n: int, proc: subprocess.Popen, timeout_s: flo
 
 def test_killed_run_resumes_and_the_flow_ends_in_a_report(tiny_grid, tmp_path):
     out = tmp_path / "data" / "tiny.jsonl"
-    env = {**os.environ, DELAY_ENV: "2", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, DELAY_ENV: "1", "PYTHONPATH": str(ROOT)}
     # The runner in its own session, so the kill reaches it, its fork server and the child in flight.
     proc = subprocess.Popen([sys.executable, "-m", "memplan", "calibrate", "--grid", str(tiny_grid), "--out", str(out)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -83,3 +83,13 @@ def test_out_of_memory_is_a_record_not_a_crash():
                    "model_config": TINY}, {**CPU, "cpu_cap_bytes": 2_000_000})
     assert rec["status"] == "oom" and rec["oom_phase"] in {"load", "forward", "backward", "optimizer_step"}
     assert "peak_allocated_bytes" not in rec and rec["reached_allocated_bytes"] > 2_000_000
+
+
+@pytest.mark.parametrize("method", ["fo-adam", "forward-grad", "zo-sgd-cons"])
+def test_worker_uses_the_shared_steps_once_merged(method):
+    """Active once memplan.steps (branch trace) is present: the adapter must call it, not the stand-in."""
+    pytest.importorskip("memplan.steps")
+    rec = run_job({"config": {"model": "tiny-opt", "method": method, "dtype": "fp32", "batch": 2, "seq": 16},
+                   "model_config": TINY}, CPU)
+    assert rec["status"] == "ok", rec.get("traceback")
+    assert rec["steps_impl"] == "memplan.steps"

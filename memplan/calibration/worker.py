@@ -14,8 +14,10 @@ import platform
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -37,39 +39,60 @@ def _sync(device: torch.device) -> None:
 
 def _run_one(config: Config, model_config: dict, device: torch.device, meter: Meter, *,
              warmup_steps: int, measured_steps: int, seed: int) -> dict:
-    """The adapter to the step code: the only function that changes when `memplan.steps` merges.
+    """The adapter to the step code: the only function that changes with the step code's API.
 
-    Calls `fallback_steps.build_model`, `fallback_steps.make_batch`, `fallback_steps.Stepper(...).step`
-    with `on_phase=meter.on_phase`. Returns the record fields the steps know (parameter counts,
-    bytes after load, step times); the caller adds the meter's readings.
+    With `memplan.steps` (branch `trace`) present it calls `steps.build_model(config, device)`,
+    `steps.make_batch(config, model, device, seed=)` and `steps.make_step(config, model,
+    on_phase=meter.on_phase, seed=)`, then `step(batch)` per step; otherwise the stand-in
+    `fallback_steps`. Returns the record fields the steps know (parameter counts, bytes after load,
+    step times, notes); the caller adds the meter's readings.
     """
-    from memplan.calibration import fallback_steps as steps
+    try:
+        from memplan import steps
+    except ImportError:
+        steps = None
+    if steps is not None:
+        with tempfile.TemporaryDirectory() as d:  # steps resolves models by name or config.json path
+            path = Path(d) / "config.json"
+            path.write_text(json.dumps(model_config))
+            cfg = config.model_copy(update={"model": str(path)})
+            model = steps.build_model(cfg, device)
+        batch = steps.make_batch(cfg, model, device, seed=seed)
+        step = steps.make_step(cfg, model, on_phase=meter.on_phase, seed=seed)
+        run, params = step, [p for _, p in step.params]
+        notes = step.warnings
+    else:
+        from memplan.calibration import fallback_steps as steps
 
-    torch.manual_seed(seed)
-    model = steps.build_model(config, model_config, device)
+        model = steps.build_model(config, model_config, device)
+        batch = steps.make_batch(config, model_config, device, seed=seed)
+        stepper = steps.Stepper(config, model, seed=seed)
+
+        def run(b):
+            meter.on_phase(Phase.LOAD)
+            return stepper.step(b, meter.on_phase)
+
+        params, notes = stepper.params, stepper.notes
     _sync(device)
     load_bytes = meter.allocated_bytes()
-    stepper = steps.Stepper(config, model, seed=seed)
-    batch = steps.make_batch(config, model_config, device, seed=seed)
+    torch.manual_seed(seed)
     for _ in range(warmup_steps):  # optimizer state appears on the first step
-        meter.on_phase(Phase.LOAD)
-        stepper.step(batch, meter.on_phase)
+        run(batch)
     _sync(device)
     meter.reset_peak()
     times = []
     for _ in range(measured_steps):
-        meter.on_phase(Phase.LOAD)
         t0 = time.perf_counter()
-        stepper.step(batch, meter.on_phase)
+        run(batch)
         _sync(device)
         times.append(time.perf_counter() - t0)
     meter.on_phase(Phase.LOAD)  # state kept between steps
     return {
         "load_allocated_bytes": load_bytes,
-        "trainable_params": sum(p.numel() for p in stepper.params),
+        "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "step_time_s": statistics.median(times), "step_times_s": times, "steps_impl": steps.__name__,
-        "notes": sorted(stepper.notes),
+        "notes": sorted(set(notes)),
     }
 
 
@@ -138,7 +161,10 @@ def run_job(job: dict, settings: dict) -> dict:
     except torch.OutOfMemoryError as e:
         rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
     except Exception as e:
-        rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
+        if "out of memory" in str(e):  # an OOM some layer re-raised as another type (e.g. MemplanError)
+            rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
+        else:
+            rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
     readings = meter.readings()
     if rec["status"] == "ok":
         rec.update(readings)
