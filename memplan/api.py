@@ -23,8 +23,9 @@ def _family(gpu: hardware.Gpu | None) -> hardware.Family:
 def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:
     """Peak device bytes of one configuration (the number a fit verdict uses)."""
     fam = _family(gpu)
-    _, comps, _ = analytic.peak(cfg, spec, fam)
-    return add_overheads(comps, fam, correction=corrections.for_family(fam.name))[3]
+    correction = corrections.for_family(fam.name)
+    _, comps, _ = analytic.peak(cfg, spec, corrections.apply(fam, correction))
+    return add_overheads(comps, fam, correction=correction)[3]
 
 
 def _largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str, budget: int | None = None) -> int:
@@ -56,7 +57,7 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
     spec = spec or resolve(cfg.model)
     fam = _family(gpu)
     correction = corrections.for_family(fam.name)
-    phase, comps, totals = analytic.peak(cfg, spec, fam)
+    phase, comps, totals = analytic.peak(cfg, spec, corrections.apply(fam, correction))
     comps, allocated, reserved, device = add_overheads(comps, fam, correction=correction)
     warnings = []
     if cfg.seq > spec.max_positions:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from memplan.cli import app
+
+DATA = Path(__file__).with_name("data")
 
 
 @pytest.fixture
@@ -52,3 +55,9 @@ def transformers_shapes():
         return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
     return build
+
+
+@pytest.fixture
+def tiny_grid() -> Path:
+    """2-layer OPT, hidden 64, vocab 1000, CPU meter with a 4 MB cap: 4 configs run, 1 runs out of memory."""
+    return DATA / "tiny-grid.yaml"

@@ -68,6 +68,8 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
         return
     out = console()
     out.print(estimates_table(estimates, title_of(estimates[0])))
+    for source in sorted({e.correction for e in estimates if e.correction}):
+        out.print(f"overheads corrected by calibration: {source}", markup=False)
     for line in notes:
         out.print(line)
     for w in sorted({w for e in estimates for w in e.warnings}):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Measure calibration/grids/h100.yaml on this machine's GPU; installs nothing from the network.
+# Writes calibration/data/h100.jsonl (and a copy under $OUT when the device runner sets it).
+# Resumable: a rerun skips what is recorded. Finishes within 8 minutes: no config starts after
+# BUDGET_S seconds (default 400), and each is cut at the grid's 60 s timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-400}
+
+# The device image lacks pydantic (and maybe more): install the wheels carried in .whl/ (see README).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+missing=$("$PY" -c "
+import importlib.util as u
+need = ['pydantic', 'yaml', 'typer', 'rich', 'torch', 'transformers', 'peft']
+print(' '.join(m for m in need if u.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+  echo "run_gpu.sh: missing Python modules: $missing -- put their wheels in .whl/ (calibration/README.md)" >&2
+  exit 2
+fi
+"$PY" -c "import pynvml" 2> /dev/null || echo "run_gpu.sh: no pynvml: records will lack NVML device bytes" >&2
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
+
+timeout 470 "$PY" -m memplan calibrate run --grid calibration/grids/h100.yaml --budget-s "$BUDGET_S" "$@"
+rc=$?
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  cp calibration/data/h100.jsonl "$OUT/" 2> /dev/null || true
+fi
+exit $rc

@@ -1,0 +1,253 @@
+"""The child: one configuration in a fresh process -- build, warm up, reset the peaks, measure, one record.
+
+Run by the runner, either forked from `serve()` -- a server that has imported torch and transformers
+but never touched CUDA, so each child creates its own CUDA context and allocator -- or as
+`python -m memplan.calibration.worker` reading `{"job": ..., "settings": ...}` on stdin and printing
+one `MEMPLAN_RECORD {...}` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from memplan.calibration.meter import CpuMeter, CudaMeter, Meter
+from memplan.result import Phase
+from memplan.options import Config
+
+MARKER = "MEMPLAN_RECORD "
+PRELOAD = ("transformers.models.opt.modeling_opt", "transformers.models.llama.modeling_llama")
+DELAY_ENV = "MEMPLAN_CALIBRATE_WORKER_DELAY_S"  # test hook: sleep this long before measuring
+ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG",
+             "CUDA_MODULE_LOADING", "TORCH_CUBLASLT_WORKSPACE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_one(config: Config, model_config: dict, device: torch.device, meter: Meter, *,
+             warmup_steps: int, measured_steps: int, seed: int) -> dict:
+    """The adapter to the step code: the only function that changes with the step code's API.
+
+    With `memplan.steps` (branch `trace`) present it calls `steps.build_model(config, device)`,
+    `steps.make_batch(config, model, device, seed=)` and `steps.make_step(config, model,
+    on_phase=meter.on_phase, seed=)`, then `step(batch)` per step; otherwise the stand-in
+    `fallback_steps`. Returns the record fields the steps know (parameter counts, bytes after load,
+    step times, notes); the caller adds the meter's readings.
+    """
+    try:
+        from memplan import steps
+    except ImportError:
+        steps = None
+    if steps is not None:
+        with tempfile.TemporaryDirectory() as d:  # steps resolves models by name or config.json path
+            path = Path(d) / "config.json"
+            path.write_text(json.dumps(model_config))
+            cfg = config.model_copy(update={"model": str(path)})
+            model = steps.build_model(cfg, device)
+        batch = steps.make_batch(cfg, model, device, seed=seed)
+        step = steps.make_step(cfg, model, on_phase=meter.on_phase, seed=seed)
+        run, params = step, [p for _, p in step.params]
+        notes = step.warnings
+    else:
+        from memplan.calibration import fallback_steps as steps
+
+        model = steps.build_model(config, model_config, device)
+        batch = steps.make_batch(config, model_config, device, seed=seed)
+        stepper = steps.Stepper(config, model, seed=seed)
+
+        def run(b):
+            meter.on_phase(Phase.LOAD)
+            return stepper.step(b, meter.on_phase)
+
+        params, notes = stepper.params, stepper.notes
+    _sync(device)
+    load_bytes = meter.allocated_bytes()
+    torch.manual_seed(seed)
+    for _ in range(warmup_steps):  # optimizer state appears on the first step
+        run(batch)
+    _sync(device)
+    meter.reset_peak()
+    times = []
+    for _ in range(measured_steps):
+        t0 = time.perf_counter()
+        run(batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    meter.on_phase(Phase.LOAD)  # state kept between steps
+    return {
+        "load_allocated_bytes": load_bytes,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "step_time_s": statistics.median(times), "step_times_s": times, "steps_impl": steps.__name__,
+        "notes": sorted(set(notes)),
+    }
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    """Where the record was measured: device, memory, driver, CUDA, library versions, allocator settings."""
+    env = {**_versions(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "alloc_env": {k: os.environ[k] for k in ALLOC_ENV if k in os.environ}}
+    if device.type != "cuda":
+        return {**env, "device": "cpu", "gpu": None, "gpu_total_bytes": None, "family": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    env.update(device="cuda", gpu=props.name, gpu_total_bytes=int(props.total_memory),
+               capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version(), allocator_backend=torch.cuda.get_allocator_backend())
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        env["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        env["nvml_total_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except Exception:
+        env["driver"] = None
+    from memplan.hardware import detect
+
+    found = detect()
+    match = next((g for g in found if g.display == props.name), None)
+    env["family"] = match.family if match else "default"
+    env["gpu_name"] = match.name if match else None
+    return env
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def run_job(job: dict, settings: dict) -> dict:
+    """Measure one configuration; out-of-memory and failures become records, never exceptions."""
+    t0 = time.time()
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    device = torch.device(settings["device"])
+    rec: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+        return {**rec, "status": "error", "isolation_failed": True,
+                "error": "CUDA was initialised in the fork server; rerun with --isolation spawn"}
+    config = Config(**job["config"])
+    meter: Meter = CudaMeter(device) if device.type == "cuda" else CpuMeter(settings.get("cpu_cap_bytes"))
+    try:
+        with meter:
+            rec.update(_run_one(config, job["model_config"], device, meter, warmup_steps=settings["warmup_steps"],
+                                measured_steps=settings["measured_steps"], seed=settings.get("seed", 0)))
+        rec["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
+    except Exception as e:
+        if "out of memory" in str(e):  # an OOM some layer re-raised as another type (e.g. MemplanError)
+            rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
+        else:
+            rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
+    readings = meter.readings()
+    if rec["status"] == "ok":
+        rec.update(readings)
+        rec["peak_phase"] = max(readings["phases"], key=readings["phases"].get) if readings["phases"] else None
+    else:  # how far it got: kept apart, so nobody reads it as a measured peak
+        rec["reached_allocated_bytes"] = readings["peak_allocated_bytes"]
+    rec["meter"] = meter.name
+    rec["env"] = environment(device)
+    rec["wall_s"] = round(time.time() - t0, 3)
+    return rec
+
+
+def _child(request: dict) -> None:
+    """In a forked child: output to the log, stdin closed, the record to the result file; never returns."""
+    code = 0
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        log = os.open(request["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        rec = run_job(request["job"], request["settings"])
+        with open(request["result_path"], "w") as f:
+            json.dump(rec, f)
+    except BaseException:  # pragma: no cover - run_job turns step failures into records
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve() -> None:
+    """The fork server: imports once, then forks one fresh child per request line on stdin.
+
+    It never touches CUDA, so each child makes its own context. Protocol: a request
+    `{"job", "settings", "result_path", "log_path", "timeout_s"}` per line in; a reply
+    `{"exit_code", "timed_out"}` per line out, once the child is gone. EOF on stdin: exit.
+    """
+    from memplan.calibration import fallback_steps  # noqa: F401  (imports transformers and peft)
+
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but replies on the protocol pipe
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + float(request["timeout_s"])
+        timed_out = False
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.02)
+        out.write(json.dumps({"exit_code": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
+        out.flush()
+
+
+def main() -> None:
+    """`python -m memplan.calibration.worker`: one job from stdin, one record line on stdout;
+    with `--serve`, the fork server."""
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    request = json.loads(sys.stdin.read())
+    rec = run_job(request["job"], request["settings"])
+    sys.stdout.write(MARKER + json.dumps(rec) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
