@@ -18,7 +18,7 @@ What each step keeps alive, and when (|x| = trainable parameters, W = all weight
   Gradients stay alive until the next step's zero_grad. Gradient checkpointing saves layer inputs
   only and recomputes each layer in backward.
 - forward-grad: FORWARD holds tangents v = randn_like(p) for every trainable p (|x|) and runs one
-  `torch.func.jvp` over `functional_call`: primal and tangent activations live only as long as the
+  dual forward (`torch.autograd.forward_ad`) over `functional_call`: primal and tangent activations live only as long as the
   forward needs them (nothing is saved for a backward). OPTIMIZER_STEP: `p.sub_(lr * (v * jvp))`
   (two |p| temporaries per tensor), then v is freed. On sdpa models the forward runs SDPA's math
   backend, since the fused kernels have no forward-AD rule (see `Step.warnings`).
@@ -311,31 +311,36 @@ class Step:
     # ---- forward gradient ----
 
     def _forward_grad(self, batch):
+        """One dual forward (forward-mode AD) along random tangents, then p -= lr * jvp * v (ZO-Bench).
+
+        Dual tensors (`torch.autograd.forward_ad`) rather than `torch.func.jvp`: the same forward-mode
+        AD, but the tensors stay plain tensors, so transformers' checks that skip data-dependent
+        branches on fake tensors still see fake tensors.
+        """
         import torch
-        from torch.func import functional_call, jvp
+        import torch.autograd.forward_ad as fwad
+        from torch.func import functional_call
 
         h = self.hooks
-        names = [n for n, _ in self.params]
-        primals = tuple(p.detach() for _, p in self.params)
         kwargs = self._kwargs(batch)
-
-        def loss_of(*ps):
-            return functional_call(self.model, dict(zip(names, ps)), (), kwargs).loss
-
         h.phase(Phase.FORWARD)
         seed = self.rng.randrange(10**9)
         torch.manual_seed(seed)
         with h.region(Category.TANGENTS):
-            vs = tuple(torch.randn_like(p) for p in primals)
-        with self._autocast(), self._math_sdpa():
-            loss, dloss = jvp(loss_of, primals, vs)
-        self.last = {"seed": seed, "jvp": dloss.detach()}
+            vs = [torch.randn_like(p) for _, p in self.params]
+        with fwad.dual_level(), self._autocast(), self._math_sdpa():
+            duals = {n: fwad.make_dual(p.detach(), v) for (n, p), v in zip(self.params, vs)}
+            out = fwad.unpack_dual(functional_call(self.model, duals, (), kwargs).loss)
+            del duals
+            loss, dloss = out.primal.detach(), out.tangent.detach()
+            del out
+        self.last = {"seed": seed, "jvp": dloss}
         h.phase(Phase.OPTIMIZER_STEP)
         with torch.no_grad():
             for v, (_, p) in zip(vs, self.params):
                 p.sub_(self.lr * (v * dloss))
         del vs
-        return loss.detach()
+        return loss
 
     def _math_sdpa(self):
         if self.config.attention is not Attention.SDPA:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.estimate import Category, Estimate, GpuRef, Phase, Tier
-from memplan.options import Attention, Config, Scheme
+from memplan.options import Attention, Config, Method, Scheme
 
 
 @dataclass
@@ -64,6 +64,11 @@ def fake_model(config: Config, fake_mode, device: str = "cpu"):
                             new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
                         memo[id(t)] = new
                     slots[key] = memo[id(t)]
+            for key, value in vars(module).items():  # peft keeps index tensors in plain dicts
+                if isinstance(value, dict):
+                    for k, v in list(value.items()):
+                        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                            value[k] = torch.empty(v.shape, dtype=v.dtype, device=device)
     return model
 
 
@@ -80,6 +85,10 @@ def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
     from memplan.steps import build_model, make_batch, make_step, trainable
     from memplan.tracker import LiveBytes
 
+    if config.method is Method.FORWARD_GRAD and config.scheme is not Scheme.FT and not real:
+        raise MemplanError(f"cannot trace forward-grad with --scheme {config.scheme.value}: fake tensors lose "
+                           "the device of a tangent in peft's layers (a torch forward-AD limitation); "
+                           "trace --scheme ft, or measure this one on a GPU")
     if real:
         torch.manual_seed(seed)
         model, mode = build_model(config, "cpu"), contextlib.nullcontext()

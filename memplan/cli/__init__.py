@@ -22,6 +22,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+@app.callback()
+def _root() -> None:
+    """GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient."""
+
+
 _COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
 
 
