@@ -67,7 +67,9 @@ def trace(
         print_json({"estimates": [e.to_json_dict() for e in estimates]})
     else:
         _table(estimates)
-    return 1 if any(e.fits is False for e in estimates) else 0
+    if any(e.fits is False for e in estimates):
+        raise typer.Exit(1)
+    return 0
 
 
 def _one(run_trace, config: Config, target, show: bool):
