@@ -23,8 +23,8 @@ What each step keeps alive, and when (|x| = trainable parameters, W = all weight
   (two |p| temporaries per tensor), then v is freed. On sdpa models the forward runs SDPA's math
   backend, since the fused kernels have no forward-AD rule (see `Step.warnings`).
 - zo-* (q = 1): no gradients between steps. PERTURB: seed, then per tensor z ~ N(0, 1) in the
-  weight dtype; MeZO's reference (`Perturbation.MEZO`) `p.data = p.data + s * z * eps` holds z, s*z,
-  (s*z)*eps and the new copy (3 temporaries of that tensor besides z... at most W + 3 |p|), the
+  weight dtype; MeZO's reference (`Perturbation.MEZO`) `p.data = p.data + s * z * eps` holds at most three
+  |p|-sized tensors at once (z, s*z, (s*z)*eps; then z, (s*z)*eps, the new copy), the
   in-place version `p.data.add_(z, alpha=s * eps)` holds z only, plus the previous tensor's z until
   the new one replaces it. FORWARD (x2, x5 for cons) under `torch.no_grad()`: one forward's live
   activations, no saved ones; logits freed with the output. OPTIMIZER_STEP: z regenerated from the
