@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from memplan.cli import app
 
 DATA = Path(__file__).with_name("data")
+sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared helpers by module name
 
 
 @pytest.fixture

@@ -8,5 +8,5 @@
 - `fitting`  -- context, workspace and allocator slack per GPU family -> corrections.json;
 - `report`   -- REPORT.md and the estimate-vs-measured chart.
 
-Only `worker`, `meter` and `fallback_steps` import torch; the rest is safe to import from the CLI.
+Only `worker` and `meter` import torch; the rest is safe to import from the CLI.
 """

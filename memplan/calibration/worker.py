@@ -39,40 +39,21 @@ def _sync(device: torch.device) -> None:
 
 def _run_one(config: Config, model_config: dict, device: torch.device, meter: Meter, *,
              warmup_steps: int, measured_steps: int, seed: int) -> dict:
-    """The adapter to the step code: the only function that changes with the step code's API.
+    """Build the model and the step with the shared step code (`memplan.steps`) and run it.
 
-    With `memplan.steps` (branch `trace`) present it calls `steps.build_model(config, device)`,
-    `steps.make_batch(config, model, device, seed=)` and `steps.make_step(config, model,
-    on_phase=meter.on_phase, seed=)`, then `step(batch)` per step; otherwise the stand-in
-    `fallback_steps`. Returns the record fields the steps know (parameter counts, bytes after load,
-    step times, notes); the caller adds the meter's readings.
+    Returns the record fields the steps know (parameter counts, bytes after load, step times,
+    notes); the caller adds the meter's readings.
     """
-    try:
-        from memplan import steps
-    except ImportError:
-        steps = None
-    if steps is not None:
-        with tempfile.TemporaryDirectory() as d:  # steps resolves models by name or config.json path
-            path = Path(d) / "config.json"
-            path.write_text(json.dumps(model_config))
-            cfg = config.model_copy(update={"model": str(path)})
-            model = steps.build_model(cfg, device)
-        batch = steps.make_batch(cfg, model, device, seed=seed)
-        step = steps.make_step(cfg, model, on_phase=meter.on_phase, seed=seed)
-        run, params = step, [p for _, p in step.params]
-        notes = step.warnings
-    else:
-        from memplan.calibration import fallback_steps as steps
+    from memplan import steps
 
-        model = steps.build_model(config, model_config, device)
-        batch = steps.make_batch(config, model_config, device, seed=seed)
-        stepper = steps.Stepper(config, model, seed=seed)
-
-        def run(b):
-            meter.on_phase(Phase.LOAD)
-            return stepper.step(b, meter.on_phase)
-
-        params, notes = stepper.params, stepper.notes
+    with tempfile.TemporaryDirectory() as d:  # steps resolves models by name or config.json path
+        path = Path(d) / "config.json"
+        path.write_text(json.dumps(model_config))
+        cfg = config.replace(model=str(path))
+        model = steps.build_model(cfg, device)
+    batch = steps.make_batch(cfg, model, device, seed=seed)
+    run = steps.make_step(cfg, model, on_phase=meter.on_phase, seed=seed)
+    params, notes = [p for _, p in run.params], run.warnings
     _sync(device)
     load_bytes = meter.allocated_bytes()
     torch.manual_seed(seed)
@@ -205,7 +186,7 @@ def serve() -> None:
     `{"job", "settings", "result_path", "log_path", "timeout_s"}` per line in; a reply
     `{"exit_code", "timed_out"}` per line out, once the child is gone. EOF on stdin: exit.
     """
-    from memplan.calibration import fallback_steps  # noqa: F401  (imports transformers and peft)
+    from memplan import steps  # noqa: F401  (imports transformers and peft)
 
     for name in PRELOAD:
         try:

@@ -1,0 +1,175 @@
+"""The trace tier: run the real training step on fake tensors and count its live bytes exactly.
+
+The model is built on the meta device (no storage, no init cost), its parameters and buffers are
+replaced by fake tensors, and `memplan.steps` runs one warm-up step (optimizer state appears
+lazily) and one measured step under `memplan.tracker.LiveBytes`. The peak of the measured step, by
+category and phase, becomes an `Estimate` with the overheads of `memplan.overhead`.
+
+Why fake *CPU* tensors: FakeTensorMode makes tensors with device 'cuda' on a CPU-only build, but the
+first autograd node over one aborts the process (autograd's InputMetadata asks for a CUDA device
+guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps what CUDA would do:
+- the optimizers run with `foreach` as the Config says (torch's default on CUDA) and Adam's step
+  counters, host tensors on CUDA, are not counted (`cuda_host`);
+- sdpa: the CPU picks `_scaled_dot_product_flash_attention_for_cpu` (saves the output and an fp32
+  logsumexp of batch x heads x seq), as CUDA's flash kernel does; CUDA's memory-efficient kernel
+  (fp32, or a mask) pads the logsumexp to a multiple of 32 tokens: at most batch x heads x 31 x 4 B
+  more per layer. Where the CPU falls back to SDPA's math path (attention dropout > 0), it
+  materialises seq^2 scores that CUDA's fused kernels do not; `Estimate.warnings` says so;
+- autocast runs with the CPU's op lists: like CUDA's for matmuls (16-bit) and the loss (fp32), but
+  CUDA also runs layer_norm and a dtype-less softmax in fp32; those outputs are transient (the
+  16-bit copy the next matmul saves is the same), so saved bytes agree;
+- allocations inside kernels (cuBLAS workspace, flash-attention backward accumulators) are not op
+  outputs and are seen by neither; the workspace comes from `memplan.overhead`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memplan.errors import MemplanError
+from memplan.result import Category, Estimate, GpuRef, Phase, Tier
+from memplan.options import Attention, Config, Method, Scheme
+
+
+@dataclass
+class Traced:
+    """One traced (or real) step: the tracker's peak plus facts about the model."""
+
+    peak: object  # memplan.tracker.Peak
+    trainable_params: int
+    total_params: int
+    warnings: list[str]
+    ops: int
+
+
+def fake_model(config: Config, fake_mode, device: str = "cpu"):
+    """The model built on meta, then every parameter and buffer swapped for a fake tensor on `device`."""
+    import torch
+
+    from memplan.steps import build_model
+
+    model = build_model(config, "meta")
+    memo: dict[int, torch.Tensor] = {}
+    with fake_mode:
+        for module in model.modules():
+            for slots in (module._parameters, module._buffers):
+                for key, t in slots.items():
+                    if t is None:
+                        continue
+                    if id(t) not in memo:  # tied weights stay tied
+                        new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                        if isinstance(t, torch.nn.Parameter):
+                            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                        memo[id(t)] = new
+                    slots[key] = memo[id(t)]
+            for key, value in vars(module).items():  # peft keeps index tensors in plain dicts
+                if isinstance(value, dict):
+                    for k, v in list(value.items()):
+                        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                            value[k] = torch.empty(v.shape, dtype=v.dtype, device=device)
+    return model
+
+
+def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
+               on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
+    """Run a warm-up and a measured step under the tracker; return the measured step's peak.
+
+    real=True runs the same step on real CPU tensors (random weights), for fake-against-real checks.
+    cuda=True keeps what CUDA would do where the CPU differs (host-side step counters).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.steps import build_model, make_batch, make_step, trainable
+    from memplan.tracker import LiveBytes
+
+    if config.method is Method.FORWARD_GRAD and config.scheme is not Scheme.FT and not real:
+        raise MemplanError(f"cannot trace forward-grad with --scheme {config.scheme.value}: fake tensors lose "
+                           "the device of a tangent in peft's layers (a torch forward-AD limitation); "
+                           "trace --scheme ft, or measure this one on a GPU")
+    if real:
+        torch.manual_seed(seed)
+        model, mode = build_model(config, "cpu"), contextlib.nullcontext()
+    else:
+        mode = FakeTensorMode()
+        model = fake_model(config, mode)
+    base = getattr(model, "config", None) or model.base_model.config
+    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
+    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=cuda and not real,
+                        logits_numels=(config.batch * rows * base.vocab_size,
+                                       config.batch * (rows - 1) * base.vocab_size))
+    seen: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(id(t), t)
+    tracker.adopt(seen.values(), Category.WEIGHTS)
+    params = trainable(model)
+    total = sum(t.numel() for t in model.parameters())
+    n_train = sum(p.numel() for _, p in params)
+    label = ["warm-up"]
+    if on_phase is not None:
+        record = tracker.phase
+
+        def phase(ph: Phase) -> None:
+            record(ph)
+            on_phase(label[0], ph)
+
+        tracker.phase = phase
+    try:
+        with mode:
+            step = make_step(config, model, hooks=tracker, seed=seed)
+            with tracker:
+                batch = make_batch(config, model, seed=seed)
+                step(batch)
+                start = tracker.mark()
+                label[0] = "measured"
+                step(batch)
+    except MemplanError:
+        raise
+    except Exception as e:  # an op the tracer (fake tensors) cannot follow
+        from memplan.steps import _one_line
+
+        raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
+                           f"{type(e).__name__}: {_one_line(e)}") from None
+    warnings = list(step.warnings)
+    warnings += _attention_warnings(config, base)
+    return Traced(tracker.peak(start), n_train, total, warnings, tracker.ops)
+
+
+def _attention_warnings(config: Config, cfg) -> list[str]:
+    if config.attention is not Attention.SDPA:
+        return []
+    p = max((getattr(cfg, k, 0) or 0) for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop"))
+    if p > 0:
+        return [f"attention dropout {p}: on the CPU, SDPA falls back to its math path (seq^2 scores); "
+                "CUDA's fused kernels do not, so this trace over-counts attention"]
+    return []
+
+
+def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | None = None) -> Estimate:
+    """The trace-tier Estimate of one configuration (a `hardware.Gpu` judges the fit)."""
+    from memplan import hardware
+    from memplan.overhead import add_overheads, workspace_bytes
+    from memplan.steps import model_config_dict
+
+    traced = trace_step(config, on_phase=on_phase)
+    peak = traced.peak
+    fam = hardware.family(gpu.family if gpu is not None and gpu.family else "default")
+    components = dict(peak.components)
+    # cuBLAS workspaces persist once created; backward's thread holds a second handle.
+    components[Category.WORKSPACE] = workspace_bytes(fam, backward=config.method.is_fo)
+    components, allocated, reserved, device = add_overheads(components, fam)
+    phases = {ph: n + components[Category.WORKSPACE] for ph, n in peak.phases.items()}
+    est = Estimate(
+        model=model_config_dict(config.model)[0], method=config.method, scheme=config.scheme,
+        dtype=config.dtype, batch=config.batch, seq=config.seq, attention=config.attention, tier=Tier.TRACE,
+        peak_phase=peak.phase, components=components, phases=phases, peak_allocated_bytes=allocated,
+        peak_reserved_bytes=reserved, peak_device_bytes=device, trainable_params=traced.trainable_params,
+        total_params=traced.total_params, warnings=traced.warnings,
+    )
+    if gpu is not None:
+        est.gpu = GpuRef(name=gpu.name, total_bytes=gpu.total_bytes, family=gpu.family, detected=gpu.detected)
+        est.fits = device <= gpu.total_bytes
+        est.headroom_bytes = gpu.total_bytes - device
+    return est

@@ -1,0 +1,219 @@
+"""Live tensor bytes, storage by storage, under a `TorchDispatchMode` (fake or real tensors alike).
+
+Every op's outputs are looked at; a storage that is neither known nor one of the op's inputs (views
+and in-place results share an input's storage) is new: it gets a record with its bytes rounded up
+to 512 B, as the CUDA caching allocator rounds a block, and a finalizer on the storage object ends
+it. Allocations inside a kernel that never surface as an op's output (cuBLAS workspaces, flash
+attention's backward accumulators) are invisible here, on fake and real tensors alike.
+
+Each record gets a category when it is born, by the first rule that applies:
+1. `_to_copy` of a weight is a weight (autocast's 16-bit copies of the weights);
+2. anything computed from a tangent is a tangent (forward-grad's dual activations);
+3. a tensor of batch x seq (or seq - 1) x vocab elements whose last dim is the vocabulary is logits;
+4. the innermost `region` the step opened (perturbation, optimizer state, tangents);
+5. the phase: load, forward and backward allocate activations, the optimizer step its state,
+   a perturbation its z.
+The step then names what it knows: `tag` (the storage had that role all its life: gradients,
+optimizer state) and `bind` (from now on: MeZO's new weight copy). Events are kept in order, so the
+peak and its breakdown are computed afterwards over any stretch (the measured step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from memplan.result import Category, Phase
+from memplan.overhead import round_block
+from memplan.steps import Hooks
+
+_ALLOC, _FREE, _BIND, _PHASE = 0, 1, 2, 3
+_DEFAULT = {
+    Phase.LOAD: Category.ACTIVATIONS,
+    Phase.FORWARD: Category.ACTIVATIONS,
+    Phase.BACKWARD: Category.ACTIVATIONS,
+    Phase.OPTIMIZER_STEP: Category.OPTIMIZER_STATE,
+    Phase.PERTURB: Category.PERTURBATION,
+}
+
+
+class _Rec:
+    __slots__ = ("key", "nbytes", "born", "now", "op", "__weakref__")
+
+    def __init__(self, key: int, nbytes: int, born: Category, op: str):
+        self.key, self.nbytes, self.born, self.now, self.op = key, nbytes, born, born, op
+
+
+@dataclass
+class Peak:
+    """The largest live total over a stretch of events, what it was made of, and per-phase peaks."""
+
+    allocated: int
+    phase: Phase
+    components: dict[Category, int]
+    phases: dict[Phase, int] = field(default_factory=dict)
+    op: str = ""  # the op whose output set the peak
+
+
+class LiveBytes(Hooks, TorchDispatchMode):
+    """A dispatch mode that counts every live storage; also the `Hooks` a step reports to."""
+
+    def __init__(self, *, logits_numels: tuple[int, ...] = (), vocab_size: int = 0, cuda_host: bool = False):
+        super().__init__()
+        self.logits_numels, self.vocab_size = set(logits_numels), vocab_size
+        self.cuda_host = cuda_host  # drop what lives in host memory on CUDA (Adam's step counters)
+        self.live: dict[int, _Rec] = {}
+        self.events: list[tuple] = []
+        self.current = Phase.LOAD
+        self._regions: list[Category] = []
+        self.ops = 0
+
+    # ---- the dispatch mode ----
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        inputs = None
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self.live:
+                continue
+            if inputs is None:
+                inputs = {a.untyped_storage()._cdata: a for a in tree_leaves((args, kwargs))
+                          if isinstance(a, torch.Tensor)}
+            if key in inputs:
+                continue  # a view or in-place result of a storage made before tracking
+            self._new(st, key, self._category(func, t, inputs), func.__name__)
+        return out
+
+    def _category(self, func, t, inputs) -> Category:
+        recs = [self.live.get(k) for k in inputs]
+        if func is torch.ops.aten._to_copy.default and recs and recs[0] is not None \
+                and recs[0].now is Category.WEIGHTS:
+            return Category.WEIGHTS
+        if any(r is not None and r.now is Category.TANGENTS for r in recs):
+            return Category.TANGENTS
+        if self.vocab_size and t.dim() >= 2 and t.shape[-1] == self.vocab_size \
+                and t.numel() in self.logits_numels:
+            return Category.LOGITS
+        if self._regions:
+            return self._regions[-1]
+        return _DEFAULT[self.current]
+
+    def _new(self, st, key: int, category: Category, op: str) -> _Rec:
+        rec = _Rec(key, round_block(st.nbytes()), category, op)
+        self.live[key] = rec
+        self.events.append((_ALLOC, rec))
+        weakref.finalize(st, self._free, key)
+        return rec
+
+    def _free(self, key: int) -> None:
+        rec = self.live.pop(key, None)
+        if rec is not None:
+            self.events.append((_FREE, rec))
+
+    # ---- what the step reports (Hooks) ----
+
+    def phase(self, phase: Phase) -> None:
+        self.current = phase
+        self.events.append((_PHASE, phase))
+
+    @contextlib.contextmanager
+    def region(self, category: Category):
+        self._regions.append(category)
+        try:
+            yield
+        finally:
+            self._regions.pop()
+
+    def _recs(self, tensors):
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.live.get(t.untyped_storage()._cdata)
+                if rec is not None:
+                    yield rec
+
+    def tag(self, category: Category, tensors) -> None:
+        for rec in self._recs(tensors):
+            rec.born = rec.now = category
+
+    def bind(self, category: Category, tensors) -> None:
+        for rec in self._recs(tensors):
+            if rec.now is not category:
+                rec.now = category
+                self.events.append((_BIND, rec, category))
+
+    def host(self, tensors) -> None:
+        if self.cuda_host:
+            for rec in self._recs(tensors):
+                rec.nbytes = 0
+
+    def adopt(self, tensors, category: Category) -> None:
+        """Count storages made before tracking began (the model's weights)."""
+        for t in tensors:
+            st = t.untyped_storage()
+            if st._cdata not in self.live:
+                self._new(st, st._cdata, category, "adopt")
+
+    def mark(self) -> int:
+        """An index into the events: `peak(start=mark())` looks only at what follows."""
+        self.events.append((_PHASE, self.current))
+        return len(self.events) - 1
+
+    # ---- results ----
+
+    @property
+    def allocated(self) -> int:
+        return sum(r.nbytes for r in self.live.values())
+
+    def peak(self, start: int = 0) -> Peak:
+        """Replay the events: the peak after `start`, its categories at that moment, per-phase peaks."""
+        cat: dict[_Rec, Category] = {}
+        totals = dict.fromkeys(Category, 0)
+        total, best, phase = 0, None, Phase.LOAD
+        phases: dict[Phase, int] = {}
+        for i, ev in enumerate(self.events):
+            kind = ev[0]
+            if kind == _ALLOC:
+                rec = ev[1]
+                c = cat[rec] = rec.born
+                totals[c] += rec.nbytes
+                total += rec.nbytes
+            elif kind == _FREE:
+                rec = ev[1]
+                c = cat.pop(rec, rec.born)
+                totals[c] -= rec.nbytes
+                total -= rec.nbytes
+                continue
+            elif kind == _BIND:
+                rec, c = ev[1], ev[2]
+                if rec in cat:
+                    totals[cat[rec]] -= rec.nbytes
+                    totals[c] += rec.nbytes
+                    cat[rec] = c
+                continue
+            else:
+                phase = ev[1]
+            if i < start:
+                continue
+            if total > phases.get(phase, -1):
+                phases[phase] = total
+            if best is None or total > best.allocated:
+                best = Peak(total, phase, {c: n for c, n in totals.items() if n}, op=_op(ev))
+        if best is None:
+            best = Peak(total, phase, {c: n for c, n in totals.items() if n})
+        best.phases = phases
+        return best
+
+
+def _op(ev) -> str:
+    return ev[1].op if ev[0] == _ALLOC else ""
