@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.activations import ADAPTER_BYTES, LAYERS, Trains, lora_saved_per_token
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Attention, Config, Dtype, HfVersion, Method, Perturbation, Scheme
@@ -20,7 +21,6 @@ from memplan.overhead import round_block, workspace_bytes
 from memplan.spec import ModelSpec
 
 C = Category
-ADAPTER_BYTES = 4  # peft keeps adapter / prompt weights in fp32 (autocast_adapter_dtype=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,28 @@ def weight_bytes(spec: ModelSpec, wb: int) -> int:
     return spec.memo[key]
 
 
+_NOT_CAST = ("embed_positions", "wpe", "position_embeddings", "token_type_embeddings", "rotary_emb")
+
+
+def cast_cache_bytes(spec: ModelSpec, cb: int) -> int:
+    """16-bit copies autocast makes of the weights that feed matmuls (linear layers and the lm_head).
+
+    Embedding lookups and norms run on the fp32 weights; a tied token embedding is cast for the lm_head.
+    """
+    key = ("cast", cb)
+    if key not in spec.memo:
+        total = 0
+        for t in spec.tensors:
+            if t.group == "norms" or t.module in _NOT_CAST or "norm" in t.module.lower():
+                continue
+            if t.group == "embeddings" and t.module in ("embed_tokens", "wte", "word_embeddings") \
+                    and not spec.tie_word_embeddings:
+                continue  # untied: the lm_head has its own weight
+            total += round_block(t.numel * cb)
+        spec.memo[key] = total
+    return spec.memo[key]
+
+
 @dataclass(frozen=True, slots=True)
 class Trainable:
     """What trains: parameter count, bytes (each tensor rounded to 512 B), largest tensor, tensors."""
@@ -79,10 +101,7 @@ def trainable(cfg: Config, spec: ModelSpec) -> Trainable:
 
 
 def lora_targets(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
-    targets = tuple(cfg.lora_targets)
-    if targets == ("q_proj", "v_proj") and "q_proj" not in {t.module for t in spec.tensors}:
-        targets = spec.default_lora_targets  # the default names another architecture's modules
-    return targets
+    return tuple(cfg.lora_targets) or spec.default_lora_targets
 
 
 def trainable_tensors(cfg: Config, spec: ModelSpec) -> list[tuple[int, int]]:
@@ -134,79 +153,6 @@ def state_copies(cfg: Config) -> int:
 def scores(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
     """E = batch * heads * seq_q * seq_k attention-score elements per layer (eager only)."""
     return cfg.batch * spec.num_heads * s.seq_q * s.seq_k if cfg.attention is Attention.EAGER else 0
-
-
-def _dropout_mask(p: float) -> int:
-    """Bytes per element a dropout saves for backward: a bool mask when p > 0."""
-    return 1 if p > 0 else 0
-
-
-def layer_saved_per_token(cfg: Config, spec: ModelSpec, s: Shapes, *, trains_weights: bool) -> int:
-    """Bytes per token that autograd saves in one layer, besides the attention scores.
-
-    Linear layers save their input only when their weight trains (autograd saves what each
-    requested gradient needs); under autocast every linear saves its own 16-bit cast of an fp32 input.
-    """
-    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    cb, r = s.cb, s.r
-    drop = _dropout_mask(spec.hidden_dropout)
-    lin_in = cb if trains_weights else 0  # a linear's saved input per element (its own copy)
-    # Norm inputs: LayerNorm saves its input; RMSNorm (transformers) saves its fp32 upcast and the
-    # normalised value cast back (x.float(), x * rsqrt, .to(dtype)): 4 + cb bytes, or 8 in fp32.
-    norm = r if spec.norm == "layernorm" else (4 + r if r != 4 else 8)
-    n_norms = 2
-    # Attention inputs: q, k, v as the attention kernel saves them (eager matmul or SDPA).
-    attn_qkv = cb * (q + 2 * kv)
-    if cfg.attention is Attention.SDPA:
-        attn_qkv += cb * q  # SDPA also saves its output (plus a B*a*S logsumexp, counted apart)
-    if spec.model_type in ("llama", "mistral", "qwen2") and cfg.attention is Attention.EAGER:
-        n_rep = spec.num_heads // spec.num_kv_heads
-        if n_rep > 1:
-            attn_qkv += cb * 2 * (q - kv)  # repeat_kv materialises k and v at full head count
-    # Inputs of the q/k/v projections: one shared tensor, or one autocast copy per projection.
-    qkv_in = lin_in * (3 if s.amp and spec.model_type != "gpt2" else 1) * h
-    out_in = lin_in * q
-    if spec.gated_mlp:
-        # gate, up: share the norm output (or 2 casts); act(gate) and act*up inputs; down's input.
-        mlp = lin_in * (2 if s.amp else 1) * h + cb * f * 3 - (0 if trains_weights else cb * f)
-    else:
-        # fc1 input; the activation's saved tensor (relu saves its output, gelu its input); fc2's input
-        # is the activation output (relu: the same tensor; gelu: another one).
-        act = cb * f * (1 if spec.activation == "relu" else 2)
-        mlp = lin_in * h + act - (0 if trains_weights or spec.activation == "relu" else cb * f)
-    masks = 2 * drop * h  # dropout after attention and after the MLP
-    return norm * n_norms * h + qkv_in + attn_qkv + out_in + mlp + masks
-
-
-def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Shapes, *, targets: int) -> int:
-    """Bytes per token one layer's LoRA paths save: lora_A's input and lora_B's r-wide input.
-
-    peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
-    for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
-    lora_A saves its own 16-bit cast.
-    """
-    h = spec.hidden_size
-    if s.amp:
-        x_saved = targets * h * s.cb
-    elif s.wb == 4:
-        x_saved = h * 4  # the projection input itself, shared by the targets
-    else:
-        x_saved = targets * h * ADAPTER_BYTES
-    middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
-    return x_saved + middle
-
-
-def scores_saved_per_element(cfg: Config, s: Shapes, spec: ModelSpec) -> int:
-    """Bytes per score element saved for backward (eager attention)."""
-    if cfg.hf_version is HfVersion.V4_28 and spec.model_type == "opt":
-        # 4.28 OPT: scores + mask (fp32 under autocast) saved by torch.max, fp32 softmax output,
-        # and the 16-bit probabilities the second bmm saves.
-        masked = 4 if s.amp else s.cb
-        return masked + 4 + (s.cb if s.cb != 4 else 0)
-    # softmax(dim=-1, dtype=float32) saves its fp32 output; .to(dtype) feeds the second matmul.
-    probs = s.cb if s.cb != 4 else 0
-    drop = _dropout_mask(spec.attention_dropout)
-    return 4 + probs + drop + (s.cb if drop else 0)  # dropout: a mask and a new output
 
 
 def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
@@ -351,10 +297,12 @@ def _zo_phases(cfg, spec, s, base, train: Trainable, fam):
     act, logits = _inference_peak(cfg, spec, s)
     ws = workspace_bytes(fam, backward=False)
     z, grad = zo_update_bytes(cfg, spec, largest)
+    # autocast caches 16-bit copies of trainable leaf weights even under no_grad, for the whole forward.
+    cache = cast_cache_bytes(spec, s.cb) if s.amp and cfg.scheme is Scheme.FT else 0
     return {
         Phase.LOAD: dict(base),
         Phase.PERTURB: _with(base, perturbation=perturb),
-        Phase.FORWARD: _with(base, activations=act, logits=logits, workspace=ws),
+        Phase.FORWARD: _with(base, weights=cache, activations=act, logits=logits, workspace=ws),
         Phase.OPTIMIZER_STEP: _with(base, perturbation=z, gradients=grad, workspace=ws),
     }
 
@@ -381,16 +329,18 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     trains_weights = cfg.scheme is Scheme.FT
     e = scores(cfg, spec, s)
     L = spec.num_layers
-    per_layer = s.tokens * layer_saved_per_token(cfg, spec, s, trains_weights=trains_weights)
-    per_layer += e * scores_saved_per_element(cfg, s, spec)
+    per_token, per_score = LAYERS[spec.model_type](cfg, spec, s.cb, s.r, s.amp, Trains.of(cfg, ()))
     if cfg.scheme is Scheme.LORA:
-        per_layer += s.tokens * lora_saved_per_token(cfg, spec, s, targets=train.count // 2 // L)
+        per_token += lora_saved_per_token(cfg, spec, s.cb, s.wb, s.amp, targets=train.count // 2 // L)
+    per_layer = s.tokens * per_token + e * per_score
     if cfg.grad_checkpointing:
         saved = L * s.tokens * spec.hidden_size * s.r + per_layer  # layer inputs + one recomputed layer
     else:
         saved = L * per_layer
     # autocast keeps a 16-bit copy of every trainable weight it casts, until backward frees it.
-    cast_cache = (base[C.WEIGHTS] // 2) if s.amp else 0
+    # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
+    # cast cache for trainable weights, saved casts for frozen ones.
+    cast_cache = cast_cache_bytes(spec, s.cb) if s.amp else 0
     kept_logits, transient_logits = logits_forward(cfg, spec, s)
     grads = train.bytes
     ws_f = workspace_bytes(fam, backward=False)
@@ -399,8 +349,10 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     # the end of backward: one extra vocab x hidden tensor then.
     tied = trains_weights and spec.tie_word_embeddings
     embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if tied else 0
-    forward = _with(base, activations=saved + cast_cache, logits=kept_logits + transient_logits, workspace=ws_f)
-    back_start = _with(base, activations=saved + cast_cache, logits=logits_backward(cfg, spec, s), workspace=ws)
+    forward = _with(base, weights=cast_cache, activations=saved, logits=kept_logits + transient_logits,
+                    workspace=ws_f)
+    back_start = _with(base, weights=cast_cache, activations=saved, logits=logits_backward(cfg, spec, s),
+                       workspace=ws)
     back_end = _with(base, gradients=grads + embed, workspace=ws)
     backward = max(back_start, back_end, key=lambda d: sum(d.values()))
     step_tmp = 0

@@ -113,9 +113,6 @@ class HfVersion(_Choice):
         return "transformers version"
 
 
-LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")
-
-
 class Config(BaseModel):
     """One fine-tuning configuration to estimate."""
 
@@ -130,7 +127,8 @@ class Config(BaseModel):
     attention: Attention = Field(Attention.SDPA, description="Attention kernel.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r); does not change memory.")
-    lora_targets: tuple[str, ...] = Field(LORA_DEFAULT_TARGETS, description="Module names LoRA wraps.")
+    lora_targets: tuple[str, ...] = Field((), description="Module names LoRA wraps; empty: peft's default for "
+                                          "the architecture (q_proj, v_proj for OPT and Llama; c_attn for GPT-2).")
     prefix_tokens: int = Field(5, ge=1, description="Prefix-tuning tokens per layer.")
     prompt_tokens: int = Field(10, ge=1, description="Prompt-tuning virtual tokens.")
     grad_checkpointing: bool = Field(False, description="Recompute each layer in backward (first-order only).")

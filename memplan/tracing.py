@@ -72,6 +72,35 @@ def fake_model(config: Config, fake_mode, device: str = "cpu"):
     return model
 
 
+@contextlib.contextmanager
+def masks_as_on_gpu():
+    """Let transformers drop the causal mask for SDPA as it does with real tensors.
+
+    transformers cannot read a fake tensor's values, so it keeps a full batch x seq x seq mask (and
+    then repeats GQA keys and values) where, with real tensors and no padding, it passes
+    `is_causal=True` and no mask. memplan's batches are neither padded nor packed: decide as
+    transformers does for real tensors.
+    """
+    from transformers import masking_utils
+
+    original = masking_utils._ignore_causal_mask_sdpa
+    packed = masking_utils.find_packed_sequence_indices
+
+    def decide(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        window = local_attention_size is None or kv_length < local_attention_size
+        if window and (q_length == 1 or kv_length == q_length):
+            return True  # no padding in the batch: what fast_all(padding_mask) finds on real tensors
+        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+    masking_utils._ignore_causal_mask_sdpa = decide
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
+        masking_utils.find_packed_sequence_indices = packed
+
+
 def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
                on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
@@ -117,7 +146,7 @@ def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
 
         tracker.phase = phase
     try:
-        with mode:
+        with mode, masks_as_on_gpu():
             step = make_step(config, model, hooks=tracker, seed=seed)
             with tracker:
                 batch = make_batch(config, model, seed=seed)

@@ -13,6 +13,13 @@ Each record gets a category when it is born, by the first rule that applies:
 4. the innermost `region` the step opened (perturbation, optimizer state, tangents);
 5. the phase: load, forward and backward allocate activations, the optimizer step its state,
    a perturbation its z.
+Two things run differently under a dispatch mode (or on the CPU) than on CUDA, and the tracker
+counts them as CUDA would:
+- dropout: the CPU keeps an input-dtype noise tensor (`empty_like(x).bernoulli_()`), CUDA's fused
+  kernel a bool mask: a tensor filled by `bernoulli_` counts one byte per element;
+- gradient accumulation in backward: autograd sums two gradients of one tensor in place when it
+  holds the last reference, but out of place when any dispatch mode is active (`old + new`): an
+  `add` in backward whose first input dies before the next allocation counts as in place.
 The step then names what it knows: `tag` (the storage had that role all its life: gradients,
 optimizer state) and `bind` (from now on: MeZO's new weight copy). Events are kept in order, so the
 peak and its breakdown are computed afterwards over any stretch (the measured step).
@@ -33,6 +40,7 @@ from memplan.overhead import round_block
 from memplan.steps import Hooks
 
 _ALLOC, _FREE, _BIND, _PHASE = 0, 1, 2, 3
+_BERNOULLI = (torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor)
 _DEFAULT = {
     Phase.LOAD: Category.ACTIVATIONS,
     Phase.FORWARD: Category.ACTIVATIONS,
@@ -43,10 +51,11 @@ _DEFAULT = {
 
 
 class _Rec:
-    __slots__ = ("key", "nbytes", "born", "now", "op", "__weakref__")
+    __slots__ = ("key", "nbytes", "born", "now", "op", "sum_of", "__weakref__")
 
     def __init__(self, key: int, nbytes: int, born: Category, op: str):
         self.key, self.nbytes, self.born, self.now, self.op = key, nbytes, born, born, op
+        self.sum_of: _Rec | None = None  # backward `old + new`: the `old` it would overwrite on CUDA
 
 
 @dataclass
@@ -92,7 +101,16 @@ class LiveBytes(Hooks, TorchDispatchMode):
                           if isinstance(a, torch.Tensor)}
             if key in inputs:
                 continue  # a view or in-place result of a storage made before tracking
-            self._new(st, key, self._category(func, t, inputs), func.__name__)
+            rec = self._new(st, key, self._category(func, t, inputs), func.__name__)
+            if func is torch.ops.aten.add.Tensor and self.current is Phase.BACKWARD:
+                first = args[0] if isinstance(args[0], torch.Tensor) else None
+                old = self.live.get(first.untyped_storage()._cdata) if first is not None else None
+                if old is not None and old.nbytes == rec.nbytes:
+                    rec.sum_of = old
+        if func in _BERNOULLI:  # dropout noise: a bool mask on CUDA
+            rec = self.live.get(args[0].untyped_storage()._cdata)
+            if rec is not None:
+                rec.nbytes = round_block(args[0].numel())
         return out
 
     def _category(self, func, t, inputs) -> Category:
@@ -175,12 +193,30 @@ class LiveBytes(Hooks, TorchDispatchMode):
     def allocated(self) -> int:
         return sum(r.nbytes for r in self.live.values())
 
+    def _in_place_sums(self) -> dict[_Rec, _Rec]:
+        """Backward sums `old + new` whose `old` dies before anything else is allocated: in place on CUDA."""
+        found: dict[_Rec, _Rec] = {}
+        events = self.events
+        for i, ev in enumerate(events):
+            if ev[0] != _ALLOC or ev[1].sum_of is None:
+                continue
+            old = ev[1].sum_of
+            for later in events[i + 1:]:
+                if later[0] == _ALLOC:
+                    break
+                if later[0] == _FREE and later[1] is old:
+                    found[ev[1]] = old
+                    break
+        return found
+
     def peak(self, start: int = 0) -> Peak:
         """Replay the events: the peak after `start`, its categories at that moment, per-phase peaks."""
         cat: dict[_Rec, Category] = {}
         totals = dict.fromkeys(Category, 0)
         total, best, phase = 0, None, Phase.LOAD
         phases: dict[Phase, int] = {}
+        in_place = self._in_place_sums()
+        overwritten: set[_Rec] = set()
         for i, ev in enumerate(self.events):
             kind = ev[0]
             if kind == _ALLOC:
@@ -188,9 +224,16 @@ class LiveBytes(Hooks, TorchDispatchMode):
                 c = cat[rec] = rec.born
                 totals[c] += rec.nbytes
                 total += rec.nbytes
+                old = in_place.get(rec)
+                if old is not None and old in cat:  # CUDA writes the sum into `old`: no new bytes
+                    totals[cat[old]] -= old.nbytes
+                    total -= old.nbytes
+                    overwritten.add(old)
             elif kind == _FREE:
                 rec = ev[1]
                 c = cat.pop(rec, rec.born)
+                if rec in overwritten:
+                    continue
                 totals[c] -= rec.nbytes
                 total -= rec.nbytes
                 continue
