@@ -177,18 +177,24 @@ def _attention_warnings(config: Config, cfg) -> list[str]:
 
 
 def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | None = None) -> Estimate:
-    """The trace-tier Estimate of one configuration (a `hardware.Gpu` judges the fit)."""
-    from memplan import hardware
+    """The trace-tier Estimate of one configuration (a `hardware.Gpu` judges the fit).
+
+    The allocated view is the traced peak plus the cuBLAS workspace (inside kernels, so invisible to
+    the tracer); reserved and device views come from the same overhead model as the analytic tier.
+    """
+    from memplan import corrections, hardware
+    from memplan.api import judge
     from memplan.overhead import add_overheads, workspace_bytes
     from memplan.steps import model_config_dict
 
     traced = trace_step(config, on_phase=on_phase)
     peak = traced.peak
     fam = hardware.family(gpu.family if gpu is not None and gpu.family else "default")
-    components = dict(peak.components)
+    correction = corrections.for_family(fam.name)
+    components = {c: peak.components.get(c, 0) for c in Category if c not in (Category.CONTEXT, Category.ALLOCATOR)}
     # cuBLAS workspaces persist once created; backward's thread holds a second handle.
     components[Category.WORKSPACE] = workspace_bytes(fam, backward=config.method.is_fo)
-    components, allocated, reserved, device = add_overheads(components, fam)
+    components, allocated, reserved, device = add_overheads(components, fam, correction=correction)
     phases = {ph: n + components[Category.WORKSPACE] for ph, n in peak.phases.items()}
     est = Estimate(
         model=model_config_dict(config.model)[0], method=config.method, scheme=config.scheme,
@@ -196,9 +202,6 @@ def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | 
         peak_phase=peak.phase, components=components, phases=phases, peak_allocated_bytes=allocated,
         peak_reserved_bytes=reserved, peak_device_bytes=device, trainable_params=traced.trainable_params,
         total_params=traced.total_params, warnings=traced.warnings,
+        correction=correction.get("source") if correction else None,
     )
-    if gpu is not None:
-        est.gpu = GpuRef(name=gpu.name, total_bytes=gpu.total_bytes, family=gpu.family, detected=gpu.detected)
-        est.fits = device <= gpu.total_bytes
-        est.headroom_bytes = gpu.total_bytes - device
-    return est
+    return judge(est, gpu) if gpu is not None else est

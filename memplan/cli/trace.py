@@ -3,108 +3,64 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 
-from memplan.cli._common import console, guarded, print_json
-from memplan.errors import MemplanError
-from memplan.options import Config, Method
-
-
-def register(app: typer.Typer) -> None:
-    app.command("trace", help="Trace one training step on fake tensors: exact bytes per category and phase.")(trace)
-
-
-def _methods(names: list[str]) -> list[Method]:
-    if not names:
-        return [Method.ZO_SGD]
-    if any(n.strip().lower() == "all" for n in names):
-        return list(Method)
-    return [Method.parse(n) for n in names]
-
-
-def _gpu(name: str | None):
-    from memplan import hardware
-
-    if name:
-        return hardware.get_gpu(name)
-    found = hardware.detect()
-    return found[0] if found else None
+from memplan.cli._common import guarded
 
 
 @guarded
 def trace(
-    model: str = typer.Argument(..., help="Catalog id, alias, or path to a config.json / folder holding one."),
-    method: list[str] = typer.Option([], "--method", "-m", help="Method (repeatable), or 'all'."),
-    scheme: str = typer.Option("ft", help="ft | lora | prefix | prompt."),
-    dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16."),
+    model: str = typer.Argument(..., help="Catalog id or alias (opt-13b), config.json, or a folder with one."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method (repeatable) or 'all'."),
+    scheme: str = typer.Option("ft", help="ft | lora | prefix | prompt"),
+    dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16"),
     batch: int = typer.Option(1, help="Sequences per step."),
     seq: int = typer.Option(512, help="Tokens per sequence."),
-    attention: str = typer.Option("sdpa", help="eager | sdpa."),
-    gpu: str | None = typer.Option(None, help="GPU name from `memplan gpus`, or 'auto'."),
-    lora_rank: int = typer.Option(8, help="LoRA rank r."),
-    prefix_tokens: int = typer.Option(5, help="Prefix-tuning tokens per layer."),
+    attention: str = typer.Option("sdpa", help="eager | sdpa"),
+    gpu: Optional[str] = typer.Option(None, help="GPU name (memplan gpus) or 'auto'; default: local GPU if any."),
+    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha (does not change memory)."),
+    lora_targets: Optional[str] = typer.Option(None, help="LoRA target modules, comma-separated."),
+    prefix_tokens: int = typer.Option(5, help="Prefix-tuning tokens."),
     prompt_tokens: int = typer.Option(10, help="Prompt-tuning virtual tokens."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute layers in backward (FO)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> int:
-    from pydantic import ValidationError
-
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute layers (FO)."),
+    perturbation: str = typer.Option("mezo", help="ZO perturbation: mezo (out of place) | inplace"),
+    zo_queries: int = typer.Option(1, help="ZO queries per step."),
+    use_cache: bool = typer.Option(False, "--use-cache", help="Keep the KV cache in forward passes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Trace one training step on fake tensors: exact bytes per category and phase, no GPU needed."""
+    from memplan.api import judge, resolve_gpu
+    from memplan.cli.fit import config_options, methods_from
+    from memplan.cli.render import exit_code, render
+    from memplan.options import Config
     from memplan.tracing import trace as run_trace
 
-    target = _gpu(gpu)
-    try:
-        configs = [Config(model=model, method=m, scheme=scheme, dtype=dtype, batch=batch, seq=seq,
-                          attention=attention, lora_rank=lora_rank, lora_targets=(), prefix_tokens=prefix_tokens,
-                          prompt_tokens=prompt_tokens, grad_checkpointing=grad_checkpointing)
-                   for m in _methods(method)]
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise MemplanError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}") from None
+    opts = config_options(model, scheme, dtype, batch, seq, attention, lora_rank, prefix_tokens, prompt_tokens,
+                          grad_checkpointing, perturbation, zo_queries, "current", use_cache, lora_alpha,
+                          lora_targets)
+    the_gpu = resolve_gpu(gpu)
     show = not as_json and sys.stderr.isatty()
-    estimates = [_one(run_trace, c, target, show) for c in configs]
-    if as_json:
-        print_json({"estimates": [e.to_json_dict() for e in estimates]})
-    else:
-        _table(estimates)
-    if any(e.fits is False for e in estimates):
-        raise typer.Exit(1)
-    return 0
+    estimates = [_one(run_trace, Config(method=m, **opts), the_gpu, show) for m in methods_from(method)]
+    for est in estimates:
+        if the_gpu is not None:
+            judge(est, the_gpu)
+    render(estimates, as_json=as_json)
+    raise typer.Exit(exit_code(estimates))
 
 
-def _one(run_trace, config: Config, target, show: bool):
+def _one(run_trace, config, gpu, show: bool):
+    """Trace one configuration, with a live status line on a terminal."""
     if not show:
-        return run_trace(config, gpu=target)
+        return run_trace(config, gpu=gpu)
     from rich.console import Console
 
     with Console(stderr=True).status(f"tracing {config.method.value}") as status:
-        return run_trace(config, gpu=target,
-                         on_phase=lambda label, ph: status.update(f"tracing {config.method.value}: {label} step, {ph.value}"))
+        return run_trace(config, gpu=gpu, on_phase=lambda label, ph: status.update(
+            f"tracing {config.method.value}: {label} step, {ph.value}"))
 
 
-def _table(estimates) -> None:
-    """One column per method, one row per category (GiB), then the three views and the verdict."""
-    from rich.table import Table
-
-    from memplan.result import Category, gib
-
-    e0 = estimates[0]
-    table = Table(title=f"{e0.model} {e0.scheme.value} {e0.dtype.value} {e0.attention.value} "
-                        f"batch {e0.batch} x seq {e0.seq} (trace, GiB)")
-    table.add_column("")
-    for e in estimates:
-        table.add_column(e.method.value, justify="right")
-    table.add_row("peak phase", *[e.peak_phase.value for e in estimates])
-    for c in Category:
-        if any(e.components.get(c) for e in estimates):
-            table.add_row(c.value, *[f"{gib(e.components.get(c, 0)):.2f}" for e in estimates])
-    for label, key in (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
-                       ("device", "peak_device_bytes")):
-        table.add_row(label, *[f"{gib(getattr(e, key)):.2f}" for e in estimates])
-    if any(e.gpu for e in estimates):
-        table.add_row(f"fits {e0.gpu.name}", *["yes" if e.fits else "NO" for e in estimates])
-    out = console()
-    out.print(table)
-    for e in estimates:
-        for w in e.warnings:
-            out.print(f"warning: {e.method.value}: {w}")
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace)
