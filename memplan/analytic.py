@@ -171,45 +171,53 @@ def layer_transient_per_token(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
     return max(attn, mlp)
 
 
-def _upcast(s: Shapes) -> int:
-    """Bytes per element of `logits.float()`: a new fp32 copy unless the logits are fp32 already."""
-    return 4 if s.cb != 4 else 0
+def loss_bytes(spec: ModelSpec, s: Shapes) -> tuple[int, int]:
+    """(upcast, loss) bytes per logit: the logits' fp32 copy, and the log_softmax output's dtype.
+
+    Causal LMs (transformers' ForCausalLMLoss) upcast the logits with `.float()`: fp32 loss.
+    RoBERTa's masked-LM head calls CrossEntropyLoss on the logits as they are (fp32 under autocast,
+    which casts them for log_softmax).
+    """
+    if spec.is_causal:
+        return (4 if s.cb != 4 else 0), 4
+    return (4 if s.amp else 0), (4 if s.amp or s.cb == 4 else s.cb)
 
 
 def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(kept, transient) bytes of logits and loss at the end of the forward pass.
 
-    transformers 5 (ForCausalLMLoss): logits (cb), logits.float() (4, unless fp32 already), and the
-    fp32 log_softmax output, all alive while the loss is computed.
-    4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb, fp32 under autocast).
+    transformers 5: logits (cb), their upcast and the log_softmax output, all alive while the loss
+    is computed. 4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb,
+    fp32 under autocast, whose input cast is transient).
     """
     tv = s.tokens * spec.vocab_size
     if cfg.hf_version is HfVersion.V4_28:
         lsm = 4 if s.amp else s.cb
         kept = tv * (2 * s.cb + lsm)
         return kept, tv * (4 if s.amp else 0)
-    return tv * (s.cb + _upcast(s) + 4), 0
+    up, loss = loss_bytes(spec, s)
+    return tv * (s.cb + up + loss), 0
 
 
 def logits_backward(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
     """Bytes of the loss's backward at its peak: log_softmax output, nll gradient, log_softmax gradient.
 
-    The logits themselves died with the model output; all three are fp32 (4.28: the loss dtype).
+    The logits themselves died with the model output; all three are in the loss dtype.
     """
     tv = s.tokens * spec.vocab_size
-    per = (4 if s.amp else s.cb) if cfg.hf_version is HfVersion.V4_28 else 4
+    per = (4 if s.amp else s.cb) if cfg.hf_version is HfVersion.V4_28 else loss_bytes(spec, s)[1]
     return tv * 3 * per
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(primal, tangent) bytes of the logits and loss in a dual forward.
 
-    primal: logits (cb), fp32 upcast, log_softmax output and its exp (the log_softmax JVP needs the
+    primal: logits (cb), upcast, log_softmax output and its exp (the log_softmax JVP needs the
     probabilities); tangent: logits' tangent (cb), its upcast, and the log_softmax output's tangent.
     """
     tv = s.tokens * spec.vocab_size
-    up = _upcast(s)
-    return tv * (s.cb + up + 8), tv * (s.cb + up + 4)
+    up, loss = loss_bytes(spec, s)
+    return tv * (s.cb + up + 2 * loss), tv * (s.cb + up + loss)
 
 
 # ---- phases ---------------------------------------------------------------------------------
@@ -249,8 +257,10 @@ def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(activations, logits) bytes at the peak of a no-grad forward pass."""
     e = scores(cfg, spec, s)
     cache = 0
-    if cfg.use_cache or cfg.hf_version is HfVersion.V4_28:
-        cache = spec.num_layers * s.tokens * 2 * spec.kv_dim * s.cb  # KV cache kept across layers
+    if cfg.use_cache or cfg.hf_version is HfVersion.V4_28 or cfg.scheme is Scheme.PREFIX:
+        # A KV cache keeps every layer's keys and values to the end of the forward: asked for, as
+        # transformers 4.28 did by default, or as peft's prefix tuning does (prefix + sequence).
+        cache = spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * s.cb
     layer = s.tokens * layer_transient_per_token(cfg, spec, s) + e * scores_transient_per_element(cfg, s)
     kept, transient = logits_forward(cfg, spec, s)
     if layer >= kept + transient:
