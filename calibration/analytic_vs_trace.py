@@ -151,6 +151,15 @@ def write_table(records: list[dict]) -> None:
         f"**{len(records)} configurations: median absolute error {med:.2%}, worst {worst:.2%}** "
         f"(targets: median <= {MEDIAN_TARGET:.0%}, worst <= {WORST_TARGET:.0%}).",
         "",
+        "What the grid leaves out, and why:",
+        "- GPT-2 and RoBERTa run eager only: with attention dropout, SDPA on the CPU falls back to its",
+        "  math path (seq^2 scores), which CUDA's fused kernels do not make, so a CPU trace would not be",
+        "  the GPU's step.",
+        "- forward-grad with lora / prefix / prompt: fake tensors lose a tangent's device inside peft's",
+        "  layers (a torch forward-AD limitation), so those are not traced.",
+        "- The trace runs CPU kernels: where CUDA's differ (autocast's op lists, flash attention's",
+        "  scratch buffers, cuBLAS workspaces) the difference is not in either column.",
+        "",
         "| model | method | scheme | dtype | attention | batch | seq | trace MiB | analytic MiB | error | trace phase | analytic phase |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -105,8 +106,15 @@ def _family_of(display: str, total_bytes: int) -> tuple[str, str]:
     return "default", ""
 
 
+def _driver_loaded() -> bool:
+    """False where Linux shows no NVIDIA kernel driver: NVML would find nothing, and costs an import."""
+    return not sys.platform.startswith("linux") or Path("/proc/driver/nvidia").exists()
+
+
 def detect() -> list[Gpu]:
     """Local GPUs through NVML; empty where there is no NVIDIA driver."""
+    if not _driver_loaded():
+        return []
     try:
         import pynvml
     except ImportError:

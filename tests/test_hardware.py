@@ -119,6 +119,7 @@ def _fake_nvml(devices: list[tuple[str, int]]) -> types.ModuleType:
 
 def test_detect_maps_nvml_names_to_the_catalog(monkeypatch):
     devices = [(g.display, g.total_bytes) for g in GPUS]
+    monkeypatch.setattr(hardware, "_driver_loaded", lambda: True)
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(devices))
     found = detect()
     assert [(g.name, g.family, g.total_bytes) for g in found] == [(g.name, g.family, g.total_bytes) for g in GPUS]
@@ -126,6 +127,7 @@ def test_detect_maps_nvml_names_to_the_catalog(monkeypatch):
 
 
 def test_detect_unknown_card_keeps_its_total(monkeypatch):
+    monkeypatch.setattr(hardware, "_driver_loaded", lambda: True)
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([("NVIDIA Quantum X9", 12_345 * MIB)]))
     (gpu,) = detect()
     assert (gpu.family, gpu.total_bytes) == ("default", 12_345 * MIB)

@@ -34,20 +34,18 @@ def _root() -> None:
 _COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
 
 
-def _register() -> None:
+def _register(argv: list[str]) -> None:
+    """Import the command modules: only the one being run when the command line names it."""
     import importlib
 
-    for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"memplan.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"memplan.cli.{name}":
-                continue  # command not built yet
-            raise
+    asked = next((a for a in argv if not a.startswith("-")), None)
+    names = [asked] if asked in _COMMANDS and "--help" not in argv else _COMMANDS
+    for name in names:
+        module = importlib.import_module(f"memplan.cli.{name}")
         module.register(app)
 
 
-_register()
+_register(sys.argv[1:])
 
 
 def fail(message: str) -> None:
