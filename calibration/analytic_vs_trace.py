@@ -6,7 +6,7 @@ workspace (the trace cannot see inside kernels; both add the same constant).
 
 Run: python calibration/analytic_vs_trace.py            (about 10 minutes on 2 cores)
      python calibration/analytic_vs_trace.py --check    (re-estimate only, against the recorded traces)
-Writes calibration/data/analytic-vs-trace.jsonl and calibration/ANALYTIC-VS-TRACE.md.
+Writes calibration/analytic-vs-trace.jsonl and calibration/ANALYTIC-VS-TRACE.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from memplan.result import Category  # noqa: E402
 
-RECORDS = ROOT / "calibration" / "data" / "analytic-vs-trace.jsonl"
+RECORDS = ROOT / "calibration" / "analytic-vs-trace.jsonl"  # not under data/, which holds measurements
 TABLE = ROOT / "calibration" / "ANALYTIC-VS-TRACE.md"
 MEDIAN_TARGET, WORST_TARGET = 0.02, 0.05
 

@@ -110,8 +110,11 @@ class LiveBytes(Hooks, TorchDispatchMode):
         if func in _BERNOULLI:  # dropout noise: a bool mask on CUDA
             rec = self.live.get(args[0].untyped_storage()._cdata)
             if rec is not None:
-                rec.nbytes = round_block(args[0].numel())
+                self._resize(rec, round_block(args[0].numel()))
         return out
+
+    def _resize(self, rec: _Rec, nbytes: int) -> None:
+        rec.nbytes = nbytes
 
     def _category(self, func, t, inputs) -> Category:
         recs = [self.live.get(k) for k in inputs]

@@ -2,25 +2,22 @@
 
 - `CudaMeter`: torch's caching-allocator statistics (`max_memory_allocated`, `max_memory_reserved`),
   reset at each phase boundary so each phase gets its own peak, plus NVML for what the device shows.
-- `CpuMeter`: without CUDA, a `TorchDispatchMode` that counts the live bytes of every storage an op
+- `CpuMeter`: without CUDA, the tracer's `TorchDispatchMode` that counts the live bytes of every storage an op
   creates (rounded to 512 B, as the CUDA allocator rounds) and drops them when the storage dies. A cap
   turns it into a simulated card: past it, the op raises `torch.OutOfMemoryError`, like CUDA.
 
-The tracer being built in `memplan.tracing` (branch `trace`) counts live bytes the same way; when it
-merges, `CpuMeter` should become a thin wrapper over it.
+`CpuMeter` is the tracer's `LiveBytes` on real tensors, so the CPU path measures what a trace counts.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from memplan.result import Phase
 from memplan.overhead import round_block
+from memplan.tracker import LiveBytes
 
 
 class Meter:
@@ -37,6 +34,12 @@ class Meter:
     def on_phase(self, phase: Phase) -> None:
         """A new phase starts; what came before belongs to the previous one."""
 
+    @property
+    def current_phase(self) -> Phase:
+        """The phase running now (where an out-of-memory happened)."""
+        current = getattr(self, "current", None)  # the tracker's, on the CPU
+        return current if isinstance(current, Phase) else getattr(self, "phase", Phase.LOAD)
+
     def reset_peak(self) -> None:
         """Forget the peaks so far (after the warm-up steps)."""
 
@@ -49,67 +52,53 @@ class Meter:
         raise NotImplementedError
 
 
-class CpuMeter(TorchDispatchMode, Meter):
-    """Live storage bytes on the CPU, with an optional simulated card size."""
+class CpuMeter(LiveBytes, Meter):
+    """Live storage bytes on the CPU, counted as the tracer counts them, with an optional simulated card."""
 
     name = "cpu-live-bytes"
 
     def __init__(self, cap_bytes: int | None = None):
-        super().__init__()
+        LiveBytes.__init__(self)
         self.cap_bytes = cap_bytes
-        self.live: dict[int, int] = {}  # storage address -> rounded bytes
-        self.now = 0
-        self.peak = 0
-        self.phase: Phase = Phase.LOAD
-        self.phase_peaks: dict[Phase, int] = {}
+        self.now = 0  # running total, for the cap (the reported peaks come from the tracker's replay)
+        self._start = 0
+
+    def _new(self, st, key: int, category, op: str):
+        rec = super()._new(st, key, category, op)
+        self._grow(rec.nbytes)
+        return rec
+
+    def _resize(self, rec, nbytes: int) -> None:
+        self._grow(nbytes - rec.nbytes)
+        super()._resize(rec, nbytes)
 
     def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
+        rec = self.live.get(key)
+        if rec is not None:
+            self.now -= rec.nbytes
+        super()._free(key)
 
-    def _track(self, out) -> None:
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            try:
-                st = t.untyped_storage()
-                key = st.data_ptr()
-            except (RuntimeError, NotImplementedError):  # wrapper tensors (functorch duals) own no storage
-                continue
-            if not key or key in self.live:
-                continue
-            n = round_block(st.nbytes())
-            self.live[key] = n
-            self.now += n
-            weakref.finalize(st, self._free, key)
-        if self.now > self.peak:
-            self.peak = self.now
-        if self.now > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = self.now
+    def _grow(self, n: int) -> None:
+        self.now += n
         if self.cap_bytes is not None and self.now > self.cap_bytes:
             raise torch.OutOfMemoryError(
                 f"simulated out of memory: {self.now} live bytes exceed the cap of {self.cap_bytes} "
-                f"(cpu meter, phase {self.phase.value})")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self._track(out)
-        return out
+                f"(cpu meter, phase {self.current.value})")
 
     def on_phase(self, phase: Phase) -> None:
-        self.phase = phase
-        self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.now)
+        self.phase(phase)
 
     def reset_peak(self) -> None:
-        self.peak = self.now
-        self.phase_peaks = {}
+        self._start = self.mark()
 
     def allocated_bytes(self) -> int:
         return self.now
 
     def readings(self) -> dict:
         # No caching allocator and no CUDA context on the CPU: reserved and device are not measured.
-        return {"peak_allocated_bytes": self.peak, "peak_reserved_bytes": None, "peak_device_bytes": None,
-                "phases": {p.value: b for p, b in self.phase_peaks.items()}}
+        peak = self.peak(self._start)
+        return {"peak_allocated_bytes": peak.allocated, "peak_reserved_bytes": None, "peak_device_bytes": None,
+                "phases": {p.value: b for p, b in peak.phases.items()}}
 
 
 def _nvml_handle(index: int):

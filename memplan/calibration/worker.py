@@ -140,10 +140,10 @@ def run_job(job: dict, settings: dict) -> dict:
                                 measured_steps=settings["measured_steps"], seed=settings.get("seed", 0)))
         rec["status"] = "ok"
     except torch.OutOfMemoryError as e:
-        rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
+        rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
     except Exception as e:
         if "out of memory" in str(e):  # an OOM some layer re-raised as another type (e.g. MemplanError)
-            rec.update(status="oom", oom_phase=meter.phase.value, error=_first_line(e))
+            rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
         else:
             rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
     readings = meter.readings()
