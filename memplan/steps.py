@@ -369,7 +369,7 @@ class Step:
         mezo = self.config.perturbation is Perturbation.MEZO
         with torch.no_grad(), h.region(Category.PERTURBATION):
             for _, p in self.params:
-                z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+                z = _z(p)
                 if mezo:
                     p.data = p.data + scale * z * self.eps
                     h.bind(Category.WEIGHTS, [p])
@@ -419,7 +419,7 @@ class Step:
         torch.manual_seed(seed)
         with torch.no_grad(), h.region(Category.PERTURBATION):
             for _, p in self.params:
-                z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+                z = _z(p)
                 if p.grad is None:
                     p.grad = coeff * z
                     h.tag(Category.OPTIMIZER_STATE, [p.grad])
@@ -438,7 +438,7 @@ class Step:
         torch.manual_seed(seed)
         with torch.no_grad(), h.region(Category.PERTURBATION):
             for _, p in self.params:
-                z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+                z = _z(p)
                 p.data.add_(z, alpha=-self.lr * g)
 
     def _optimizer_update(self, seed: int, g: float, sign: float = 1.0) -> None:
@@ -451,7 +451,7 @@ class Step:
         with torch.no_grad():
             for _, p in self.params:
                 with h.region(Category.PERTURBATION):
-                    z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+                    z = _z(p)
                     gz = g * z / self.config.zo_queries  # ZO-Bench: projected_grad * z / args.q
                     p.grad = sign * gz if sign != 1.0 else gz
                 h.tag(Category.GRADIENTS, [p.grad])
@@ -488,6 +488,13 @@ def make_step(config: Config, model, *, hooks: Hooks | None = None,
               seed: int = 0) -> Step:
     """The step of `config.method` over `model`'s trainable parameters; see the module docstring."""
     return Step(config, model, hooks=hooks, on_phase=on_phase, lr=lr, eps=eps, seed=seed)
+
+
+def _z(p):
+    """A direction z ~ N(0, 1) shaped like p, in its dtype and on its device (drawn from torch's seed)."""
+    import torch
+
+    return torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
 
 
 def scalar(t) -> float:
