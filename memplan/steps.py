@@ -359,22 +359,25 @@ class Step:
         with torch.no_grad(), self._autocast():
             return self.model(**self._kwargs(batch)).loss.detach()
 
-    def _perturb(self, seed: int, scale: float) -> None:
-        """Move every trainable weight by scale * eps * z(seed), as MeZO's zo_perturb_parameters."""
+    def _directions(self, seed: int):
+        """(p, z) for every trainable p, z regenerated from `seed`, under no_grad in the perturbation region."""
         import torch
 
-        h = self.hooks
-        h.phase(Phase.PERTURB)
         torch.manual_seed(seed)
-        mezo = self.config.perturbation is Perturbation.MEZO
-        with torch.no_grad(), h.region(Category.PERTURBATION):
+        with torch.no_grad(), self.hooks.region(Category.PERTURBATION):
             for _, p in self.params:
-                z = _z(p)
-                if mezo:
-                    p.data = p.data + scale * z * self.eps
-                    h.bind(Category.WEIGHTS, [p])
-                else:
-                    p.data.add_(z, alpha=scale * self.eps)
+                yield p, _z(p)
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        """Move every trainable weight by scale * eps * z(seed), as MeZO's zo_perturb_parameters."""
+        self.hooks.phase(Phase.PERTURB)
+        mezo = self.config.perturbation is Perturbation.MEZO
+        for p, z in self._directions(seed):
+            if mezo:
+                p.data = p.data + scale * z * self.eps
+                self.hooks.bind(Category.WEIGHTS, [p])
+            else:
+                p.data.add_(z, alpha=scale * self.eps)
 
     def _projected_grad(self, batch, seed: int):
         """Two-sided estimate (f(w + eps z) - f(w - eps z)) / (2 eps); leaves the weights restored."""
@@ -412,34 +415,22 @@ class Step:
 
     def _accumulate(self, seed: int, coeff: float) -> None:
         """q > 1: p.grad += coeff * z for every trainable p (ZO-Bench's zo_step_v1 accumulator)."""
-        import torch
-
-        h = self.hooks
-        h.phase(Phase.OPTIMIZER_STEP)
-        torch.manual_seed(seed)
-        with torch.no_grad(), h.region(Category.PERTURBATION):
-            for _, p in self.params:
-                z = _z(p)
-                if p.grad is None:
-                    p.grad = coeff * z
-                    h.tag(Category.OPTIMIZER_STATE, [p.grad])
-                else:
-                    p.grad.add_(z, alpha=coeff)
+        self.hooks.phase(Phase.OPTIMIZER_STEP)
+        for p, z in self._directions(seed):
+            if p.grad is None:
+                p.grad = coeff * z
+                self.hooks.tag(Category.OPTIMIZER_STATE, [p.grad])
+            else:
+                p.grad.add_(z, alpha=coeff)
 
     def _sgd_update(self, seed: int, g: float) -> None:
         """zo-sgd: ZO-Bench's update (`p.grad = g * z / q; optimizer.step()`), or in place `p += -lr g z`."""
-        import torch
-
         if self.config.perturbation is Perturbation.MEZO:
             self._optimizer_update(seed, g)
             return
-        h = self.hooks
-        h.phase(Phase.OPTIMIZER_STEP)
-        torch.manual_seed(seed)
-        with torch.no_grad(), h.region(Category.PERTURBATION):
-            for _, p in self.params:
-                z = _z(p)
-                p.data.add_(z, alpha=-self.lr * g)
+        self.hooks.phase(Phase.OPTIMIZER_STEP)
+        for p, z in self._directions(seed):
+            p.data.add_(z, alpha=-self.lr * g)
 
     def _optimizer_update(self, seed: int, g: float, sign: float = 1.0) -> None:
         """ZO-Bench's update: per parameter, p.grad = sign * g * z, optimizer.step(), p.grad = None."""
