@@ -90,9 +90,9 @@ def opt_layer(cfg: Config, spec, cb: int, r: int, amp: bool, trains: Trains) -> 
 def llama_layer(cfg: Config, spec, cb: int, r: int, amp: bool, trains: Trains) -> tuple[int, int]:
     """Llama, Mistral, Qwen2 (pre-RMSNorm, rotary, GQA, SiLU-gated MLP, no dropout)."""
     h, f = spec.hidden_size, spec.intermediate_size
-    # RMSNorm: x.float() (x itself when already fp32) and the normalised value cast back (fp32 when
-    # the input is): 4 + cb, or 8.
-    norm = 4 + (4 if r == 4 else cb)
+    # RMSNorm: x.float() (x itself when already fp32), and, when its weight trains, the normalised
+    # value cast back that `weight * x` saves (fp32 when the input is): 4 + cb, or 8; frozen: 4.
+    norm = 4 + ((4 if r == 4 else cb) if trains.qkv else 0)
     n = 2 * norm * h
     if trains.qkv:
         n += (3 if amp else 1) * cb * h
