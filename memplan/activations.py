@@ -63,6 +63,10 @@ def _attention(cfg: Config, spec, cb: int, trains: Trains, *, repeat_kv: bool = 
     q, kv = spec.q_dim, spec.kv_dim
     if cfg.attention is Attention.SDPA:
         # SDPA saves q, k, v (GQA natively, enable_gqa) and its output, which is also o_proj's input.
+        # Prefix tuning makes keys longer than queries, so transformers builds a mask, and with a mask
+        # it repeats GQA keys and values to every head before SDPA.
+        if repeat_kv and cfg.scheme is Scheme.PREFIX:
+            kv = q
         return cb * (2 * q + 2 * kv)
     # Eager: the matmuls save contiguous copies of q, k, v (k and v repeated to every head for GQA),
     # and o_proj saves the transposed output's contiguous copy.
