@@ -343,11 +343,10 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     if cfg.scheme is Scheme.LORA:
         per_token += lora_saved_per_token(cfg, spec, s.cb, s.wb, s.amp, targets=train.count // 2 // L)
     per_layer = s.tokens * per_token + e * per_score
-    if cfg.grad_checkpointing:
-        saved = L * s.tokens * spec.hidden_size * s.r + per_layer  # layer inputs + one recomputed layer
-    else:
-        saved = L * per_layer
-    # autocast keeps a 16-bit copy of every trainable weight it casts, until backward frees it.
+    # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
+    # at a time in backward; without it every layer's saved tensors live until its backward.
+    checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
+    saved = checkpoints if cfg.grad_checkpointing else L * per_layer
     # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
     # cast cache for trainable weights, saved casts for frozen ones.
     cast_cache = cast_cache_bytes(spec, s.cb) if s.amp else 0
@@ -364,7 +363,11 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     back_start = _with(base, weights=cast_cache, activations=saved, logits=logits_backward(cfg, spec, s),
                        workspace=ws)
     back_end = _with(base, gradients=grads + embed, workspace=ws)
-    backward = max(back_start, back_end, key=lambda d: sum(d.values()))
+    candidates = [back_start, back_end]
+    if cfg.grad_checkpointing:  # the last layer recomputed, with nearly every gradient made
+        candidates.append(_with(base, weights=cast_cache, activations=checkpoints + per_layer, gradients=grads,
+                                workspace=ws))
+    backward = max(candidates, key=lambda d: sum(d.values()))
     step_tmp = 0
     if cfg.method is Method.FO_ADAM:
         # foreach Adam: sqrt(exp_avg_sq) for all params at once (~1x params); for-loop: one tensor.
