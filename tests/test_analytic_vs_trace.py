@@ -1,6 +1,6 @@
 """The analytic tier against the trace tier: the recorded grid, and a live re-trace of some of it.
 
-`calibration/analytic_vs_trace.py` traces 77 configurations (OPT, a GQA Llama, GPT-2, RoBERTa; all
+`calibration/analytic_vs_trace.py` traces 85 configurations (OPT, a GQA Llama, GPT-2, RoBERTa; all
 eight methods; ft / lora / prefix / prompt; fp32 / fp16 / bf16 / amp; eager and sdpa) and records
 the traced peaks. The issue's targets: median error at most 2 %, worst at most 5 %.
 """
