@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from memplan.errors import MemplanError, unknown
@@ -339,18 +339,9 @@ def spec_from_config(cfg: dict, name: str, *, source: str = "", where: str = "co
 # ---- resolving what the user typed -----------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
 def _catalog() -> list[dict]:
-    return _load_catalog_cached()
-
-
-_CATALOG_CACHE: list[dict] | None = None
-
-
-def _load_catalog_cached() -> list[dict]:
-    global _CATALOG_CACHE
-    if _CATALOG_CACHE is None:
-        _CATALOG_CACHE = json.loads(CATALOG_PATH.read_text())["models"]
-    return _CATALOG_CACHE
+    return json.loads(CATALOG_PATH.read_text())["models"]
 
 
 def catalog_entries() -> list[dict]:

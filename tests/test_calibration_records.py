@@ -11,7 +11,6 @@ def test_append_then_read(tmp_path):
     records.append(f, {"key": "b", "status": "oom"})
     assert records.read(f) == [{"key": "a", "status": "ok"}, {"key": "b", "status": "oom"}]
     assert f.read_text().count("\n") == 2  # one complete line per record
-    assert records.done_keys(f) == {"a", "b"}
 
 
 def test_torn_last_line_is_skipped_and_cut_before_the_next_append(tmp_path):

@@ -94,11 +94,6 @@ def read_all(where: str | Path | Iterable[str | Path]) -> list[dict]:
     return list(by_key.values()) + loose
 
 
-def done_keys(path: str | Path) -> set[str]:
-    """Keys already recorded in a file: the runner skips them on resume."""
-    return {r["key"] for r in read(path) if "key" in r}
-
-
 def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Replace a file atomically: write a sibling temporary, fsync, rename over."""
     path = Path(path)
