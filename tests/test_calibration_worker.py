@@ -86,9 +86,8 @@ def test_out_of_memory_is_a_record_not_a_crash():
 
 
 @pytest.mark.parametrize("method", ["fo-adam", "forward-grad", "zo-sgd-cons"])
-def test_worker_uses_the_shared_steps_once_merged(method):
-    """Active once memplan.steps (branch trace) is present: the adapter must call it, not the stand-in."""
-    pytest.importorskip("memplan.steps")
+def test_worker_runs_the_shared_steps(method):
+    """The worker measures the same step code the tracer follows."""
     rec = run_job({"config": {"model": "tiny-opt", "method": method, "dtype": "fp32", "batch": 2, "seq": 16},
                    "model_config": TINY}, CPU)
     assert rec["status"] == "ok", rec.get("traceback")
