@@ -83,17 +83,26 @@ def exit_code(estimates: list[Estimate]) -> int:
 
 def check_table(results: list):
     """One row per run x GPU x method of `memplan check` (plan.Result)."""
+    from pathlib import Path
+
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="memplan check", title_justify="left", caption_justify="left",
-                  caption="GiB = 2^30 bytes; peak = device view; budget = GPU total - margin")
-    for name in ("plan", "run", "gpu", "method", "peak", "budget", "headroom", "phase", "verdict"):
-        table.add_column(name, justify="right" if name in ("peak", "budget", "headroom") else "left",
-                         overflow="fold")  # names wrap rather than lose their ends
-    for r in results:
-        table.add_row(escape(r.plan), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes),
-                      fmt_gib(r.budget_bytes), fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes),
-                      r.estimate.peak_phase.value,
-                      "[green]fits[/green]" if r.fits else "[red]does not fit[/red]")
+    table = Table(title="memplan check", title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True, pad_edge=False,
+                  caption="sizes in GiB (2^30 bytes); peak = device view; budget = GPU total - margin")
+    rows = [(escape(Path(r.plan).name), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes),
+             fmt_gib(r.budget_bytes), fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes),
+             PHASE_LABEL[r.estimate.peak_phase], "[green]fits[/green]" if r.fits else "[red]no fit[/red]")
+            for r in results]
+    names = ("plan", "run", "gpu", "method", "peak", "budget", "head-\nroom", "phase", "verdict")
+    for i, name in enumerate(names):
+        numeric = name in ("peak", "budget", "head-\nroom")
+        # Numbers and short names never wrap; plan and run names fold rather than lose their ends.
+        table.add_column(name, justify="right" if numeric else "left",
+                         no_wrap=name not in ("plan", "run"), overflow="fold",
+                         min_width=(max(len(r[i]) for r in rows) if name not in ("plan", "run", "verdict") else 6))
+    for row in rows:
+        table.add_row(*row)
     return table
