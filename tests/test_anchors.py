@@ -3,7 +3,9 @@
 ZO-Bench's sequence-length figure: OPT-13B, batch 2, full fine-tuning, transformers 4.28 (eager
 attention, KV cache kept), `max_memory_allocated`. Tolerance: 5 % per point, as the values were
 read exactly from the vector figure but some conditions are inferred (amp-fp16 for FO-SGD, one
-device). Our largest FO-SGD gap is -3.4 % at seq 1472, our largest ZO-SGD gap +0.4 %.
+device). Our largest FO-SGD gap is -4.5 % at seq 1472, our largest ZO-SGD gap +0.4 %. The FO
+gap grows with the sequence; one candidate: at 97 GiB and more, ZO-Bench ran FO on several GPUs and
+logs the sum of each device's own peak, which is at least the peak of the sum that memplan models.
 """
 
 from __future__ import annotations
