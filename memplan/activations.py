@@ -34,7 +34,7 @@ class Trains:
     down: bool
 
     @classmethod
-    def of(cls, cfg: Config, targets: tuple[str, ...]) -> Trains:
+    def of(cls, cfg: Config) -> Trains:
         if cfg.scheme is Scheme.FT:
             return cls(True, True, True, True)
         return cls(False, False, False, False)  # LoRA's own paths are counted by lora_saved

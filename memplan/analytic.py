@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from memplan.activations import ADAPTER_BYTES, LAYERS, Trains, lora_saved_per_token
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Dtype, HfVersion, Method, Perturbation, Scheme
+from memplan.options import Attention, Config, HfVersion, Method, Perturbation, Scheme
 from memplan.overhead import round_block, workspace_bytes
 from memplan.spec import ModelSpec
 
@@ -339,7 +339,7 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     trains_weights = cfg.scheme is Scheme.FT
     e = scores(cfg, spec, s)
     L = spec.num_layers
-    per_token, per_score = LAYERS[spec.model_type](cfg, spec, s.cb, s.r, s.amp, Trains.of(cfg, ()))
+    per_token, per_score = LAYERS[spec.model_type](cfg, spec, s.cb, s.r, s.amp, Trains.of(cfg))
     if cfg.scheme is Scheme.LORA:
         per_token += lora_saved_per_token(cfg, spec, s.cb, s.wb, s.amp, targets=train.count // 2 // L)
     per_layer = s.tokens * per_token + e * per_score

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from memplan.errors import MemplanError
-from memplan.result import Category, Estimate, GpuRef, Phase, Tier
+from memplan.result import Category, Estimate, Phase, Tier
 from memplan.options import Attention, Config, Method, Scheme
 
 
