@@ -262,7 +262,7 @@ def save(chart: Chart, path: str | Path) -> Chart:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from memplan.reports import write_atomic
+    from memplan.files import write_atomic
 
     rc = {"svg.hashsalt": "memplan", "svg.fonttype": "none", "font.family": "DejaVu Sans", "font.size": 10}
     draw = {GridChart: _draw_grid, BreakdownChart: _draw_breakdown, SweepChart: _draw_sweep}[type(chart)]

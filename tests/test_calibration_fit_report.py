@@ -127,6 +127,7 @@ def test_empty_report_says_how_to_make_records():
 
 def test_cli_fit_and_report(tmp_path):
     data = tmp_path / "data"
+    data.mkdir()
     for r in fit_records() + report_records():
         records.append(data / "h100.jsonl", r)
     c, p = tmp_path / "corrections.json", tmp_path / "pkg.json"

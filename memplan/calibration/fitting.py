@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from memplan.calibration import records
+from memplan.files import write_atomic
 
 GIB = 1 << 30
 SLACK_MIN_ALLOCATED = GIB  # below this, 2 MiB segment rounding, not slack, sets reserved / allocated
@@ -90,4 +90,4 @@ def write(doc: dict, paths: list[str | Path]) -> None:
     """Write the same document to every path, each atomically."""
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
     for p in paths:
-        records.write_atomic(p, text)
+        write_atomic(p, text)

@@ -37,8 +37,6 @@ def _cut_torn_tail(fd: int) -> None:
 
 def append(path: str | Path, record: dict) -> None:
     """Append one record as one complete line: a single write, flushed and fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -92,16 +90,3 @@ def read_all(where: str | Path | Iterable[str | Path]) -> list[dict]:
             else:
                 loose.append(rec)
     return list(by_key.values()) + loose
-
-
-def write_atomic(path: str | Path, text: str | bytes) -> None:
-    """Replace a file atomically: write a sibling temporary, fsync, rename over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = text.encode() if isinstance(text, str) else text
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

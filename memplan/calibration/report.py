@@ -287,10 +287,12 @@ def chart(recs: list[dict], fitted: dict, path: str | Path) -> Path:
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
+    import io
+
+    from memplan.files import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    write_atomic(path, buf.getvalue())
+    return Path(path)

@@ -132,7 +132,7 @@ def report(data: list[Path] = typer.Option([DATA], "--data", help="Records: JSON
     import os
 
     from memplan.calibration import records, report as rep
-    from memplan.calibration.records import write_atomic
+    from memplan.files import write_atomic
     from memplan.errors import MemplanError
 
     recs = records.read_all(_existing(data))
