@@ -13,7 +13,8 @@ from pathlib import Path
 
 from memplan import hardware
 from memplan.errors import MemplanError
-from memplan.result import GIB, Category
+from memplan.result import Category
+from memplan.units import gib as _gib
 from memplan.margin import Margin
 from memplan.options import Config, Method
 
@@ -159,10 +160,6 @@ def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, o
 
 
 # ---- drawing ----------------------------------------------------------------------------------
-
-
-def _gib(n: int) -> float:
-    return n / GIB
 
 
 def _capacity_lines(ax, cap: Capacity) -> None:

@@ -132,3 +132,15 @@ def test_check_junit_empty_path_is_one_line(tmp_path):
     done = _memplan("check", str(ROOT / "examples/plans/h100.yaml"), "--junit", "", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("memplan: error: --junit") and "directory" in done.stderr
+
+
+def test_units_and_one_line():
+    from memplan.errors import one_line
+    from memplan.units import GIB, MIB, fmt_gib, fmt_size, gib
+
+    assert (GIB, MIB, gib(3 * GIB)) == (2**30, 2**20, 3.0)
+    assert (fmt_gib(None), fmt_gib(GIB + GIB // 2), fmt_gib(GIB, unit=True)) == ("-", "1.50", "1.00 GiB")
+    assert (fmt_size(2 * GIB), fmt_size(3 * MIB), fmt_size(None)) == ("2.00 GiB", "3.00 MiB", "-")
+    assert one_line(ValueError("first\nsecond")) == "first"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(RuntimeError("x" * 900), limit=500, with_type=True) == ("RuntimeError: " + "x" * 900)[:500]

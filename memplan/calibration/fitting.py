@@ -17,7 +17,7 @@ from pathlib import Path
 
 from memplan.files import write_atomic
 
-GIB = 1 << 30
+from memplan.units import GIB, MIB
 SLACK_MIN_ALLOCATED = GIB  # below this, 2 MiB segment rounding, not slack, sets reserved / allocated
 
 
@@ -79,8 +79,8 @@ def fit(recs: list[dict], *, include_cpu: bool = False) -> tuple[dict, list[str]
     for fam in sorted(by_family):
         families[fam] = {**fit_family(by_family[fam]), "source": _source(fam, by_family[fam])}
         f = families[fam]
-        notes.append(f"{fam}: context {f['context_bytes'] / 2**20:.0f} MiB, slack {f['allocator_slack']:.3f}, "
-                     f"workspace {f['cublas_workspace_bytes'] / 2**20:.0f} MiB from {f['records']} records")
+        notes.append(f"{fam}: context {f['context_bytes'] / MIB:.0f} MiB, slack {f['allocator_slack']:.3f}, "
+                     f"workspace {f['cublas_workspace_bytes'] / MIB:.0f} MiB from {f['records']} records")
     doc = {"about": "Overhead corrections per GPU family, fitted from measured records by `memplan calibrate fit`. "
                     "Do not edit by hand.", "families": families}
     return doc, notes

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from memplan.calibration.meter import CpuMeter, CudaMeter, Meter
+from memplan.errors import one_line
 from memplan.result import Phase
 from memplan.options import Config
 
@@ -116,11 +117,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
-
-
 def run_job(job: dict, settings: dict) -> dict:
     """Measure one configuration; out-of-memory and failures become records, never exceptions."""
     t0 = time.time()
@@ -140,12 +136,12 @@ def run_job(job: dict, settings: dict) -> dict:
                                 measured_steps=settings["measured_steps"], seed=settings.get("seed", 0)))
         rec["status"] = "ok"
     except torch.OutOfMemoryError as e:
-        rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
+        rec.update(status="oom", oom_phase=meter.current_phase.value, error=one_line(e, limit=500, with_type=True))
     except Exception as e:
         if "out of memory" in str(e):  # an OOM some layer re-raised as another type (e.g. MemplanError)
-            rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
+            rec.update(status="oom", oom_phase=meter.current_phase.value, error=one_line(e, limit=500, with_type=True))
         else:
-            rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
+            rec.update(status="error", error=one_line(e, limit=500, with_type=True), traceback=traceback.format_exc()[-2000:])
     readings = meter.readings()
     if rec["status"] == "ok":
         rec.update(readings)
