@@ -49,9 +49,9 @@ def test_fit_skips_cpu_records_unless_asked():
 
 @pytest.fixture
 def package_corrections(tmp_path, monkeypatch):
-    """Point the package's corrections file at a temporary one."""
+    """Point the corrections memplan reads at a temporary file."""
     path = tmp_path / "corrections.json"
-    monkeypatch.setattr(corrections, "PATH", path)
+    monkeypatch.setenv(corrections.ENV, str(path))
     corrections.reload()
     yield path
     corrections.reload()

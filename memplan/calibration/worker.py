@@ -28,7 +28,6 @@ from memplan.options import Config
 
 MARKER = "MEMPLAN_RECORD "
 PRELOAD = ("transformers.models.opt.modeling_opt", "transformers.models.llama.modeling_llama")
-DELAY_ENV = "MEMPLAN_CALIBRATE_WORKER_DELAY_S"  # test hook: sleep this long before measuring
 ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG",
              "CUDA_MODULE_LOADING", "TORCH_CUBLASLT_WORKSPACE_SIZE")
 
@@ -120,9 +119,6 @@ def environment(device: torch.device) -> dict:
 def run_job(job: dict, settings: dict) -> dict:
     """Measure one configuration; out-of-memory and failures become records, never exceptions."""
     t0 = time.time()
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if delay:
-        time.sleep(delay)
     device = torch.device(settings["device"])
     rec: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
     if device.type == "cuda" and torch.cuda._is_in_bad_fork():
