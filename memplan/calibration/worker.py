@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from memplan._compat import cuda_in_bad_fork
 from memplan.calibration.meter import CpuMeter, CudaMeter, Meter
 from memplan.errors import one_line
 from memplan.result import Phase
@@ -121,7 +122,7 @@ def run_job(job: dict, settings: dict) -> dict:
     t0 = time.time()
     device = torch.device(settings["device"])
     rec: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
-    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+    if device.type == "cuda" and cuda_in_bad_fork():
         return {**rec, "status": "error", "isolation_failed": True,
                 "error": "CUDA was initialised in the fork server; rerun with --isolation spawn"}
     config = Config(**job["config"])
