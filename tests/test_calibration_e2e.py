@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_killed_run_resumes_and_the_flow_ends_in_a_report(tiny_grid, tmp_path):
     result = CliRunner().invoke(app, ["calibrate", "--grid", str(tiny_grid), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"{len(first)} already recorded" in result.output
+    killed = list(Path(tempfile.gettempdir()).glob(f"{runner.TEMP_PREFIX}{proc.pid}-*"))
+    assert killed == []  # the killed run's fork-server folder went with the next run's start
     recs = records.read(out)
     assert recs[: len(first)] == first  # what was recorded stays, byte for byte
     assert len(recs) == 5 and len({r["key"] for r in recs}) == 5  # each config once, the torn line gone
