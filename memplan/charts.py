@@ -13,7 +13,8 @@ from pathlib import Path
 
 from memplan import hardware
 from memplan.errors import MemplanError
-from memplan.result import GIB, Category
+from memplan.result import Category
+from memplan.units import gib as _gib
 from memplan.margin import Margin
 from memplan.options import Config, Method
 
@@ -161,10 +162,6 @@ def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, o
 # ---- drawing ----------------------------------------------------------------------------------
 
 
-def _gib(n: int) -> float:
-    return n / GIB
-
-
 def _capacity_lines(ax, cap: Capacity) -> None:
     ax.axhline(_gib(cap.total_bytes), color="black", linewidth=1.5,
                label=f"{cap.gpu} capacity: {_gib(cap.total_bytes):.1f} GiB")
@@ -262,7 +259,7 @@ def save(chart: Chart, path: str | Path) -> Chart:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from memplan.reports import write_atomic
+    from memplan.files import write_atomic
 
     rc = {"svg.hashsalt": "memplan", "svg.fonttype": "none", "font.family": "DejaVu Sans", "font.size": 10}
     draw = {GridChart: _draw_grid, BreakdownChart: _draw_breakdown, SweepChart: _draw_sweep}[type(chart)]

@@ -20,3 +20,12 @@ def unknown(kind: str, name: str, valid: Iterable[str], *, listing: str | None =
         head += f" (did you mean {', '.join(by_lower[c] for c in close)}?)"
     tail = f"`{listing}` lists them all" if listing else f"valid: {', '.join(valid)}"
     return MemplanError(f"{head}; {tail}")
+
+
+def one_line(exc: BaseException, *, limit: int = 300, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type name when empty), cut to `limit` characters;
+    with `with_type`, prefixed by the type name (`OutOfMemoryError: ...`)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    text = f"{type(exc).__name__}: {first}" if with_type else (first or type(exc).__name__)
+    return text[:limit]

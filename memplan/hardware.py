@@ -12,7 +12,7 @@ from pathlib import Path
 from memplan.errors import MemplanError, unknown
 
 CATALOG_PATH = Path(__file__).with_name("data") / "gpus.json"
-MIB = 1 << 20
+from memplan.units import MIB
 
 
 @dataclass(frozen=True, slots=True)

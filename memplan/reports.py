@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from memplan.files import write_atomic  # noqa: F401  (the writer `check --junit` uses)
 
 if TYPE_CHECKING:
     from memplan.plan import Result
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see the old one or the whole new one: temp file, then os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def testcase_name(r: Result) -> str:

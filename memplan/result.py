@@ -8,8 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.options import Attention, Dtype, Method, Scheme
 
-GIB = 1 << 30
-MIB = 1 << 20
+from memplan.units import GIB, MIB, gib  # noqa: F401  (imported from here by other modules)
 
 
 class Category(str, Enum):
@@ -94,8 +93,3 @@ class Estimate(BaseModel):
 
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json")
-
-
-def gib(n_bytes: int | float) -> float:
-    """Bytes to GiB (2^30)."""
-    return n_bytes / GIB

@@ -505,6 +505,4 @@ def is_fake(t) -> bool:
     return _is_fake(t)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+from memplan.errors import one_line as _one_line  # noqa: E402

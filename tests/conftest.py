@@ -15,6 +15,18 @@ DATA = Path(__file__).with_name("data")
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared helpers by module name
 
 
+@pytest.fixture(autouse=True)
+def _no_user_corrections(tmp_path_factory, monkeypatch):
+    """Tests neither read nor write the user's calibration corrections (nor any shipped ones):
+    MEMPLAN_CORRECTIONS names a file that does not exist, inherited by subprocesses too."""
+    from memplan import corrections
+
+    monkeypatch.setenv(corrections.ENV, str(tmp_path_factory.mktemp("config") / "no-corrections.json"))
+    corrections.reload()
+    yield
+    corrections.reload()
+
+
 @pytest.fixture
 def run_cli():
     """Run `memplan ARGS...` in-process; returns (exit code, stdout, stderr)."""

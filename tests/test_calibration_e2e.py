@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 
 from memplan.calibration import grid, records, runner  # noqa: E402
-from memplan.calibration.worker import DELAY_ENV  # noqa: E402
 from memplan.cli import app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_CALIBRATE = Path(__file__).with_name("slow_calibrate.py")
 pytestmark = pytest.mark.slow
 
 
@@ -33,9 +34,12 @@ def _wait_for_records(path: Path, n: int, proc: subprocess.Popen, timeout_s: flo
 
 def test_killed_run_resumes_and_the_flow_ends_in_a_report(tiny_grid, tmp_path):
     out = tmp_path / "data" / "tiny.jsonl"
-    env = {**os.environ, DELAY_ENV: "1", "PYTHONPATH": str(ROOT)}
-    # The runner in its own session, so the kill reaches it, its fork server and the child in flight.
-    proc = subprocess.Popen([sys.executable, "-m", "memplan", "calibrate", "--grid", str(tiny_grid), "--out", str(out)],
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The runner in its own session, so the kill reaches it, its fork server and the child in flight;
+    # its workers wait 1 s before each measurement, so the kill lands mid-grid.
+    proc = subprocess.Popen([sys.executable, str(SLOW_CALIBRATE), "1", "calibrate", "--grid", str(tiny_grid),
+                             "--out", str(out)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -51,6 +55,8 @@ def test_killed_run_resumes_and_the_flow_ends_in_a_report(tiny_grid, tmp_path):
     result = CliRunner().invoke(app, ["calibrate", "--grid", str(tiny_grid), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"{len(first)} already recorded" in result.output
+    killed = list(Path(tempfile.gettempdir()).glob(f"{runner.TEMP_PREFIX}{proc.pid}-*"))
+    assert killed == []  # the killed run's fork-server folder went with the next run's start
     recs = records.read(out)
     assert recs[: len(first)] == first  # what was recorded stays, byte for byte
     assert len(recs) == 5 and len({r["key"] for r in recs}) == 5  # each config once, the torn line gone
@@ -84,10 +90,10 @@ def test_spawn_isolation_and_timeouts_are_retried(tmp_path, monkeypatch):
     g.write_text((Path(__file__).with_name("data") / "tiny-grid.yaml").read_text().split("configs:")[0]
                  + "configs:\n  - {method: zo-sgd, batch: 2}\n")
     out = tmp_path / "one.jsonl"
-    monkeypatch.setenv(DELAY_ENV, "30")
+    monkeypatch.setattr(runner, "WORKER", (str(Path(__file__).with_name("slow_worker.py")), "30"))
     s = runner.run(grid.load(g), out=out, isolation="spawn", timeout_s=1)
     assert s.statuses == {"timeout": 1} and s.errors == 1
-    monkeypatch.delenv(DELAY_ENV)
+    monkeypatch.undo()
     s = runner.run(grid.load(g), out=out, isolation="spawn")  # a timeout is not a result: measured again
     assert s.statuses == {"ok": 1} and s.skipped == 0
     last = records.read(out)[-1]

@@ -49,9 +49,9 @@ def test_fit_skips_cpu_records_unless_asked():
 
 @pytest.fixture
 def package_corrections(tmp_path, monkeypatch):
-    """Point the package's corrections file at a temporary one."""
+    """Point the corrections memplan reads at a temporary file."""
     path = tmp_path / "corrections.json"
-    monkeypatch.setattr(corrections, "PATH", path)
+    monkeypatch.setenv(corrections.ENV, str(path))
     corrections.reload()
     yield path
     corrections.reload()
@@ -127,6 +127,7 @@ def test_empty_report_says_how_to_make_records():
 
 def test_cli_fit_and_report(tmp_path):
     data = tmp_path / "data"
+    data.mkdir()
     for r in fit_records() + report_records():
         records.append(data / "h100.jsonl", r)
     c, p = tmp_path / "corrections.json", tmp_path / "pkg.json"

@@ -6,7 +6,7 @@ from memplan.calibration import records
 
 
 def test_append_then_read(tmp_path):
-    f = tmp_path / "d" / "r.jsonl"
+    f = tmp_path / "r.jsonl"
     records.append(f, {"key": "a", "status": "ok"})
     records.append(f, {"key": "b", "status": "oom"})
     assert records.read(f) == [{"key": "a", "status": "ok"}, {"key": "b", "status": "oom"}]
@@ -37,7 +37,9 @@ def test_read_all_over_folders_later_record_wins(tmp_path):
 
 
 def test_write_atomic_replaces(tmp_path):
+    from memplan.files import write_atomic
+
     f = tmp_path / "x.json"
-    records.write_atomic(f, "one")
-    records.write_atomic(f, "two")
+    write_atomic(f, "one")
+    write_atomic(f, "two")
     assert f.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -15,10 +15,66 @@ import json
 import statistics
 from pathlib import Path
 
-from memplan.calibration import records
+from memplan.files import write_atomic
 
-GIB = 1 << 30
+from memplan.units import GIB, MIB
 SLACK_MIN_ALLOCATED = GIB  # below this, 2 MiB segment rounding, not slack, sets reserved / allocated
+
+
+STATUSES = ("ok", "oom", "error", "timeout")
+METERS = ("cuda", "cpu-live-bytes")
+# Plausible fitted values; outside them a family is not written (the records are wrong, not the card).
+BOUNDS = {"context_bytes": (0, 64 * GIB), "cublas_workspace_bytes": (0, 16 * GIB), "allocator_slack": (0.0, 1.0)}
+
+
+def _is_bytes(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def invalid(rec) -> str | None:
+    """Why a record cannot be used as a measurement (None when it can). Records that did not run
+    (out of memory, errors) need only a known status; ok records need their byte counts."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    status, meter = rec.get("status"), rec.get("meter")
+    if status not in STATUSES:
+        return f"status {status!r} is not one of {', '.join(STATUSES)}"
+    if meter not in METERS:
+        return f"meter {meter!r} is not one of {', '.join(METERS)}"
+    env = rec.get("env")
+    if env is not None and not (isinstance(env, dict) and isinstance(env.get("family", ""), (str, type(None)))):
+        return "env is not an object with a family name"
+    if status != "ok":
+        return None
+    required = ["peak_allocated_bytes"] + (["peak_reserved_bytes"] if meter == "cuda" else [])
+    for k in required:
+        if not _is_bytes(rec.get(k)):
+            return f"{k} is {rec.get(k)!r}, not a byte count (an int >= 0)"
+    for k in ("peak_reserved_bytes", "context_bytes", "workspace_bytes"):
+        if rec.get(k) is not None and not _is_bytes(rec[k]):
+            return f"{k} is {rec[k]!r}, not a byte count (an int >= 0)"
+    return None
+
+
+def split_valid(recs: list) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(measured records that can be used, [(record, why not)] for the others); trace records pass."""
+    good, bad = [], []
+    for r in recs:
+        why = invalid(r) if isinstance(r, dict) and r.get("tier", "measured") == "measured" else (
+            None if isinstance(r, dict) else "not a JSON object")
+        if why is None:
+            good.append(r)
+        else:
+            bad.append((r, why))
+    return good, bad
+
+
+def implausible(f: dict) -> str | None:
+    """Why a fitted family is not believable (None when it is)."""
+    for k, (lo, hi) in BOUNDS.items():
+        if not lo <= f[k] <= hi:
+            return f"{k} {f[k]} outside [{lo}, {hi}]"
+    return None
 
 
 def _median_int(values: list[int]) -> int:
@@ -52,15 +108,23 @@ def fit_family(recs: list[dict]) -> dict:
 
 def _source(family: str, recs: list[dict]) -> str:
     envs = [r.get("env") or {} for r in recs]
-    gpus = sorted({e.get("gpu") or "cpu" for e in envs})
-    grids = sorted({r.get("grid", "?") for r in recs})
-    torch_v = sorted({e.get("torch") or "?" for e in envs})
+    gpus = sorted({str(e.get("gpu") or "cpu") for e in envs})
+    grids = sorted({str(r.get("grid", "?")) for r in recs})
+    torch_v = sorted({str(e.get("torch") or "?") for e in envs})
     return (f"memplan calibrate fit: {len(recs)} measured records on {', '.join(gpus)} "
             f"(grid {', '.join(grids)}; torch {', '.join(torch_v)})")
 
 
-def fit(recs: list[dict], *, include_cpu: bool = False) -> tuple[dict, list[str]]:
-    """(the corrections document, notes). Families come from each record's environment."""
+def fit(recs: list[dict], *, include_cpu: bool = False,
+        warnings: list[str] | None = None) -> tuple[dict, list[str]]:
+    """(the corrections document, notes). Families come from each record's environment. Records
+    that are not valid measurements are left out, and so are families whose fit is implausible;
+    both are said in `warnings`."""
+    warnings = [] if warnings is None else warnings
+    recs, bad = split_valid(recs)
+    if bad:
+        warnings.append(f"skipped {len(bad)} invalid record{'s' if len(bad) != 1 else ''} "
+                        f"(first: {bad[0][1]})")
     by_family: dict[str, list[dict]] = {}
     skipped_cpu = 0
     for r in recs:
@@ -77,10 +141,14 @@ def fit(recs: list[dict], *, include_cpu: bool = False) -> tuple[dict, list[str]
                      "--include-cpu fits them as family 'cpu'")
     families = {}
     for fam in sorted(by_family):
-        families[fam] = {**fit_family(by_family[fam]), "source": _source(fam, by_family[fam])}
-        f = families[fam]
-        notes.append(f"{fam}: context {f['context_bytes'] / 2**20:.0f} MiB, slack {f['allocator_slack']:.3f}, "
-                     f"workspace {f['cublas_workspace_bytes'] / 2**20:.0f} MiB from {f['records']} records")
+        f = {**fit_family(by_family[fam]), "source": _source(fam, by_family[fam])}
+        why = implausible(f)
+        if why:
+            warnings.append(f"{fam}: not fitted: {why} (from {f['records']} records)")
+            continue
+        families[fam] = f
+        notes.append(f"{fam}: context {f['context_bytes'] / MIB:.0f} MiB, slack {f['allocator_slack']:.3f}, "
+                     f"workspace {f['cublas_workspace_bytes'] / MIB:.0f} MiB from {f['records']} records")
     doc = {"about": "Overhead corrections per GPU family, fitted from measured records by `memplan calibrate fit`. "
                     "Do not edit by hand.", "families": families}
     return doc, notes
@@ -90,4 +158,4 @@ def write(doc: dict, paths: list[str | Path]) -> None:
     """Write the same document to every path, each atomically."""
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
     for p in paths:
-        records.write_atomic(p, text)
+        write_atomic(p, text)

@@ -37,8 +37,6 @@ def _cut_torn_tail(fd: int) -> None:
 
 def append(path: str | Path, record: dict) -> None:
     """Append one record as one complete line: a single write, flushed and fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -52,23 +50,32 @@ def append(path: str | Path, record: dict) -> None:
         os.close(fd)
 
 
-def read(path: str | Path) -> list[dict]:
-    """Every complete record of one file; lines that are not a JSON object (a torn tail) are skipped."""
+def parse(data: bytes, damaged: list[int] | None = None) -> list[dict]:
+    """The records of a file's bytes. Lines that are not a JSON object are skipped; their 1-based
+    numbers go into `damaged`, except a torn last line (no newline after it), which a kill leaves."""
     out = []
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return out
-    for raw in data.split(b"\n"):
+    lines = data.split(b"\n")
+    for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
         except ValueError:
-            continue
+            rec = None
         if isinstance(rec, dict):
             out.append(rec)
+        elif damaged is not None and n < len(lines):
+            damaged.append(n)
     return out
+
+
+def read(path: str | Path, damaged: list[int] | None = None) -> list[dict]:
+    """Every complete record of one file (see `parse`); a missing file has none."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return parse(data, damaged)
 
 
 def files(where: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -80,13 +87,25 @@ def files(where: str | Path | Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def read_all(where: str | Path | Iterable[str | Path]) -> list[dict]:
-    """Records of every file; for a key seen twice, the later record wins."""
+def damaged_note(path: str | Path, lines: list[int]) -> str:
+    """`path: 2 damaged lines skipped (lines 3, 9)`, the numbers cut after ten."""
+    shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+    s = "s" if len(lines) != 1 else ""
+    return f"{path}: {len(lines)} damaged line{s} skipped (line{s} {shown})"
+
+
+def read_all(where: str | Path | Iterable[str | Path], notes: list[str] | None = None) -> list[dict]:
+    """Records of every file; for a key seen twice, the later record wins. Damaged lines in the
+    middle of a file are skipped, and a note saying where goes into `notes`."""
     by_key: dict[str, dict] = {}
     loose = []
     for f in files(where):
-        for rec in read(f):
-            if "key" in rec:
+        damaged: list[int] = []
+        recs = read(f, damaged)
+        if damaged and notes is not None:
+            notes.append(damaged_note(f, damaged))
+        for rec in recs:
+            if isinstance(rec.get("key"), str):
                 by_key.pop(rec["key"], None)
                 by_key[rec["key"]] = rec
             else:
@@ -94,14 +113,47 @@ def read_all(where: str | Path | Iterable[str | Path]) -> list[dict]:
     return list(by_key.values()) + loose
 
 
-def write_atomic(path: str | Path, text: str | bytes) -> None:
-    """Replace a file atomically: write a sibling temporary, fsync, rename over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = text.encode() if isinstance(text, str) else text
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class Claims:
+    """Claims on configurations of one records file, so that runs sharing the file never measure one
+    configuration twice.
+
+    A claim is a POSIX record lock (`lockf`) on one byte of the records file, at an offset far past
+    any data that the key picks. Record locks are not data: nothing is written, and the kernel drops
+    them when the process dies, so a killed run's claims are free for the next run. (They are also
+    dropped when this process closes *any* descriptor of the file, as `append` does: a claim lasts
+    until its result is appended, which is exactly as long as it must.) Appends keep using `flock`,
+    which on Linux is independent of record locks.
+    """
+
+    BASE = 1 << 40  # past any records file
+
+    def __init__(self, path: str | Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _offset(self, key: str) -> int:
+        import hashlib
+
+        return self.BASE + int(hashlib.sha256(key.encode()).hexdigest()[:10], 16)  # the same in every process
+
+    def take(self, key: str) -> bool:
+        """Claim `key`; False when another live process holds it."""
+        import fcntl
+
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset(key))
+        except OSError:
+            return False
+        return True
+
+    def release(self, key: str) -> None:
+        import fcntl
+
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self._offset(key))
+
+    def records(self) -> list[dict]:
+        """The file's records, read through the held descriptor (opening another would drop the claims)."""
+        size = os.fstat(self.fd).st_size
+        return parse(os.pread(self.fd, size, 0)) if size else []
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from memplan import analytic, corrections, hardware
 from memplan.errors import MemplanError
-from memplan.result import GIB, MIB
+from memplan.units import MIB, fmt_size
 from memplan.options import Config
 from memplan.overhead import add_overheads
 from memplan.spec import spec_from_config
@@ -154,10 +154,7 @@ def boundary(rs: list[Row]) -> Boundary:
 # ---- rendering ------------------------------------------------------------------------------
 
 
-def _b(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.2f} MiB"
+_b = fmt_size
 
 
 def _pct(e: float | None) -> str:
@@ -287,10 +284,12 @@ def chart(recs: list[dict], fitted: dict, path: str | Path) -> Path:
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
+    import io
+
+    from memplan.files import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    write_atomic(path, buf.getvalue())
+    return Path(path)

@@ -16,6 +16,7 @@ configuration that was in flight; errors and timeouts are retried.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ from memplan.calibration import records
 from memplan.errors import MemplanError
 
 FINAL = ("ok", "oom")  # statuses that are results; others are retried on resume
+ISOLATIONS = ("fork", "spawn")
+WORKER = ("-m", "memplan.calibration.worker")  # how to start a worker or the fork server: python WORKER...
+TEMP_PREFIX = "memplan-calibrate-"  # the fork server's folder: memplan-calibrate-<runner pid>-XXXX
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Summary:
     device: str
     total: int  # configurations in the grid
     skipped: int  # already recorded before this run
+    busy: int = 0  # being measured by another run on the same file
     statuses: dict[str, int] = field(default_factory=dict)  # of the records this run wrote
     left: int = 0  # not measured because the time budget ran out
 
@@ -107,8 +112,10 @@ class _ForkExecutor:
         # The server must never initialise CUDA: should an import ask whether CUDA is there, torch
         # answers through NVML instead of cuInit.
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-        self.dir = tempfile.mkdtemp(prefix="memplan-calibrate-")
-        self.server = subprocess.Popen([sys.executable, "-m", "memplan.calibration.worker", "--serve"],
+        remove_stale_temp()
+        self.dir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        atexit.register(shutil.rmtree, self.dir, True)  # should close() never run
+        self.server = subprocess.Popen([sys.executable, *WORKER, "--serve"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                        stderr=open(os.path.join(self.dir, "server.log"), "w"))
 
@@ -153,7 +160,7 @@ class _SpawnExecutor:
 
         env = _worker_env()
         try:
-            done = subprocess.run([sys.executable, "-m", "memplan.calibration.worker"],
+            done = subprocess.run([sys.executable, *WORKER],
                                   input=json.dumps({"job": job, "settings": settings}), capture_output=True,
                                   text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
@@ -169,6 +176,48 @@ class _SpawnExecutor:
 
 
 
+def remove_stale_temp() -> None:
+    """Remove the fork-server folders of runs that died without cleaning up (killed: no `finally`)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = d.name[len(TEMP_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_limits(*, cpu_cap_bytes: int | None = None, timeout_s: float | None = None,
+                 budget_s: float | None = None, isolation: str = "fork") -> None:
+    """Bad limits and isolations are bad input, found before anything starts."""
+    if isolation not in ISOLATIONS:
+        raise MemplanError(f"unknown isolation {isolation!r}; valid: {', '.join(ISOLATIONS)}")
+    for flag, value, least in (("--cpu-cap-bytes", cpu_cap_bytes, 1), ("--timeout-s", timeout_s, None),
+                               ("--budget-s", budget_s, 0)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise MemplanError(f"{flag}: expected a number, got {value!r}")
+        if (least is None and value <= 0) or (least is not None and value < least):
+            need = "above 0" if least is None else f"at least {least}"
+            raise MemplanError(f"{flag}: must be {need}, got {value:g}")
+
+
+def check_out(out: Path) -> None:
+    """The records file must be a file in an existing folder (memplan creates only its default folder)."""
+    if out.is_dir():
+        raise MemplanError(f"{out}: is a directory; name a records file (.jsonl)")
+    if not out.parent.is_dir():
+        raise MemplanError(f"{out}: no such folder {str(out.parent)!r}")
+
+
 def _tail(path: str, n: int = 2000) -> str:
     try:
         return Path(path).read_text(errors="replace")[-n:]
@@ -180,18 +229,22 @@ def run(grid: grid_mod.Grid, *, out: str | Path | None = None, device: str | Non
         cpu_cap_bytes: int | None = None, timeout_s: float | None = None, budget_s: float | None = None,
         isolation: str = "fork", on_event: Callable[[Event], None] | None = None) -> Summary:
     """Measure every configuration of `grid` not yet in `out`; append one record per configuration."""
+    check_limits(cpu_cap_bytes=cpu_cap_bytes, timeout_s=timeout_s, budget_s=budget_s, isolation=isolation)
     if cpu_cap_bytes is not None:
         grid = grid.model_copy(update={"cpu_cap_bytes": cpu_cap_bytes})
-    if isolation not in ("fork", "spawn"):
-        raise MemplanError(f"unknown isolation {isolation!r}; valid: fork, spawn")
     jobs = grid_mod.jobs(grid)
     dev, device_id = resolve_device(device or grid.device)
     settings = settings_of(grid, dev)
-    out = Path(out) if out is not None else default_out(grid)
-    finished = {r["key"] for r in records.read(out) if r.get("status") in FINAL and "key" in r}
+    if out is None:
+        out = default_out(grid)
+        out.parent.mkdir(parents=True, exist_ok=True)  # memplan's own default folder
+    out = Path(out)
+    check_out(out)
+    finished = _finished(records.read(out))
     keyed = [(run_key(j, settings, device_id), j) for j in jobs]
     pending = [(k, j) for k, j in keyed if k not in finished]
     summary = Summary(out=out, device=device_id, total=len(jobs), skipped=len(jobs) - len(pending))
+    claims = records.Claims(out) if pending else None
     executor = _ForkExecutor() if isolation == "fork" and pending else _SpawnExecutor()
     t0 = time.monotonic()
     try:
@@ -199,6 +252,14 @@ def run(grid: grid_mod.Grid, *, out: str | Path | None = None, device: str | Non
             if budget_s is not None and time.monotonic() - t0 > budget_s:
                 summary.left = len(pending) - i + 1
                 break
+            # Another run on the same file may be measuring this configuration, or have finished it.
+            if not claims.take(key):
+                summary.busy += 1
+                continue
+            if key in _finished(claims.records()):
+                claims.release(key)
+                summary.skipped += 1
+                continue
             if on_event:
                 on_event(Event("start", i, len(pending), job))
             payload = job.to_dict()
@@ -210,10 +271,17 @@ def run(grid: grid_mod.Grid, *, out: str | Path | None = None, device: str | Non
             rec = {"schema": records.SCHEMA, "key": key, "tier": "measured", "grid": grid.name,
                    "device_id": device_id, "settings": settings,
                    "isolation": "spawn" if isinstance(executor, _SpawnExecutor) else "fork", **payload, **result}
-            records.append(out, rec)
+            records.append(out, rec)  # (closing the file drops this run's claims: the result is in)
             summary.statuses[rec["status"]] = summary.statuses.get(rec["status"], 0) + 1
             if on_event:
                 on_event(Event("done", i, len(pending), job, rec))
     finally:
         executor.close()
+        if claims is not None:
+            claims.close()
     return summary
+
+
+def _finished(recs: list[dict]) -> set[str]:
+    """Keys with a result (ok or out of memory)."""
+    return {r["key"] for r in recs if r.get("status") in FINAL and isinstance(r.get("key"), str)}

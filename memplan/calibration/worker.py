@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from memplan._compat import cuda_in_bad_fork
 from memplan.calibration.meter import CpuMeter, CudaMeter, Meter
+from memplan.errors import one_line
 from memplan.result import Phase
 from memplan.options import Config
 
 MARKER = "MEMPLAN_RECORD "
 PRELOAD = ("transformers.models.opt.modeling_opt", "transformers.models.llama.modeling_llama")
-DELAY_ENV = "MEMPLAN_CALIBRATE_WORKER_DELAY_S"  # test hook: sleep this long before measuring
 ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG",
              "CUDA_MODULE_LOADING", "TORCH_CUBLASLT_WORKSPACE_SIZE")
 
@@ -116,20 +117,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
-
-
 def run_job(job: dict, settings: dict) -> dict:
     """Measure one configuration; out-of-memory and failures become records, never exceptions."""
     t0 = time.time()
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if delay:
-        time.sleep(delay)
     device = torch.device(settings["device"])
     rec: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
-    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+    if device.type == "cuda" and cuda_in_bad_fork():
         return {**rec, "status": "error", "isolation_failed": True,
                 "error": "CUDA was initialised in the fork server; rerun with --isolation spawn"}
     config = Config(**job["config"])
@@ -140,12 +133,12 @@ def run_job(job: dict, settings: dict) -> dict:
                                 measured_steps=settings["measured_steps"], seed=settings.get("seed", 0)))
         rec["status"] = "ok"
     except torch.OutOfMemoryError as e:
-        rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
+        rec.update(status="oom", oom_phase=meter.current_phase.value, error=one_line(e, limit=500, with_type=True))
     except Exception as e:
         if "out of memory" in str(e):  # an OOM some layer re-raised as another type (e.g. MemplanError)
-            rec.update(status="oom", oom_phase=meter.current_phase.value, error=_first_line(e))
+            rec.update(status="oom", oom_phase=meter.current_phase.value, error=one_line(e, limit=500, with_type=True))
         else:
-            rec.update(status="error", error=_first_line(e), traceback=traceback.format_exc()[-2000:])
+            rec.update(status="error", error=one_line(e, limit=500, with_type=True), traceback=traceback.format_exc()[-2000:])
     readings = meter.readings()
     if rec["status"] == "ok":
         rec.update(readings)

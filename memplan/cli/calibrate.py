@@ -9,6 +9,11 @@ import typer
 
 from memplan.cli._common import console, guarded
 
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(f"memplan: warning: {line}", err=True)
+
 DATA = Path("calibration/data")
 CORRECTIONS = Path("calibration/corrections.json")
 
@@ -35,12 +40,21 @@ def _run(grid, out, device, cpu_cap_bytes, timeout_s, budget_s, isolation) -> in
         from memplan.errors import unknown
 
         raise unknown("device", device, ["auto", "cuda", "cpu"])
+    from rich.console import Console
+    from rich.markup import escape
+
+    # Every option is checked before the progress bar draws.
+    runner.check_limits(cpu_cap_bytes=cpu_cap_bytes, timeout_s=timeout_s, budget_s=budget_s, isolation=isolation)
     g = grid_mod.load(grid)
     grid_mod.jobs(g)  # bad configs and devices fail here, before the progress bar draws
     runner.resolve_device(device or g.device)
+    if out is not None:
+        runner.check_out(Path(out))
     out_console = console()
+    # The bar and the configurations that did not run go to stderr; stdout gets the summary.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=out_console, transient=False) as progress:
+                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=False) as progress:
         task = progress.add_task(f"calibrate {g.name}", total=None)
 
         def on_event(e: runner.Event) -> None:
@@ -52,12 +66,14 @@ def _run(grid, out, device, cpu_cap_bytes, timeout_s, budget_s, isolation) -> in
                 progress.advance(task)
                 status = e.record["status"]
                 if status != "ok":
-                    progress.console.print(f"{what}: [yellow]{status}[/yellow] {e.record.get('error', '')}")
+                    progress.console.print(f"{what}: [yellow]{escape(str(status))}[/yellow] "
+                                           f"{escape(str(e.record.get('error', '')))}")
 
         s = runner.run(g, out=out, device=device, cpu_cap_bytes=cpu_cap_bytes, timeout_s=timeout_s,
                        budget_s=budget_s, isolation=isolation, on_event=on_event)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.statuses.items())) or "nothing new"
     out_console.print(f"{s.out}: {s.total} configurations on {s.device}; {s.skipped} already recorded; {counts}"
+                      + (f"; {s.busy} being measured by another run" if s.busy else "")
                       + (f"; {s.left} left for the next run (time budget)" if s.left else ""))
     return 1 if s.errors else 0
 
@@ -91,23 +107,36 @@ def run(grid: Path = typer.Option(..., "--grid", help="Grid YAML, e.g. calibrati
 @guarded
 def fit(data: list[Path] = typer.Option([DATA], "--data", help="Records: JSONL files or folders (repeatable)."),
         out: Path = typer.Option(CORRECTIONS, "--out", help="Corrections file to write."),
+        activate: bool = typer.Option(False, "--activate", help=(
+            "Also write the file memplan reads: $MEMPLAN_CORRECTIONS, else "
+            "$XDG_CONFIG_HOME/memplan/corrections.json.")),
         package_copy: Optional[Path] = typer.Option(
-            None, "--package-copy", help="The copy memplan reads (default memplan/data/corrections.json)."),
+            None, "--package-copy", help="Also write a copy here (e.g. memplan/data/corrections.json in a "
+                                         "source checkout, to ship it with a release)."),
         include_cpu: bool = typer.Option(False, "--include-cpu", help="Fit CPU-meter records as family 'cpu'."),
         as_json: bool = typer.Option(False, "--json", help="Print the corrections as JSON.")) -> None:
     """Fit context, workspace and allocator slack per GPU family from the records; write corrections.json."""
+    import os
+
     from memplan import corrections
     from memplan.calibration import fitting, records
     from memplan.cli._common import print_json
     from memplan.errors import MemplanError
 
-    recs = records.read_all(_existing(data))
-    doc, notes = fitting.fit(recs, include_cpu=include_cpu)
+    warnings: list[str] = []
+    recs = records.read_all(_existing(data), warnings)
+    doc, notes = fitting.fit(recs, include_cpu=include_cpu, warnings=warnings)
+    _warn(warnings)
     if not doc["families"]:
-        raise MemplanError(f"no measured records that ran in {', '.join(map(str, data))}: nothing to fit "
+        raise MemplanError(f"no valid measured records that ran in {', '.join(map(str, data))}: nothing to fit "
                            "(run `memplan calibrate --grid ...` first" + ("" if include_cpu else
                                                                           "; CPU-meter records need --include-cpu") + ")")
-    targets = [out, package_copy or corrections.PATH]
+    targets = [out] + ([package_copy] if package_copy else [])
+    if activate:
+        user = corrections.user_path()
+        if not os.environ.get(corrections.ENV):
+            user.parent.mkdir(parents=True, exist_ok=True)  # memplan's own config folder
+        targets.append(user)
     fitting.write(doc, targets)
     corrections.reload()
     if as_json:
@@ -124,29 +153,39 @@ def fit(data: list[Path] = typer.Option([DATA], "--data", help="Records: JSONL f
 def report(data: list[Path] = typer.Option([DATA], "--data", help="Records: JSONL files or folders (repeatable)."),
            corrections_path: Path = typer.Option(CORRECTIONS, "--corrections", help="Fitted corrections to apply."),
            out: Path = typer.Option(Path("calibration/REPORT.md"), "--out", help="Report to write."),
-           chart: Optional[Path] = typer.Option(Path("calibration/estimate-vs-measured.png"), "--chart",
-                                                help="Chart to write (next to the report)."),
+           chart: Optional[Path] = typer.Option(None, "--chart", help=(
+               "Chart to write (default: estimate-vs-measured.png next to the report).")),
            no_chart: bool = typer.Option(False, "--no-chart", help="Skip the chart.")) -> None:
     """Write REPORT.md: every record's estimates against the measurement, errors per method and tier."""
     import json
     import os
 
     from memplan.calibration import records, report as rep
-    from memplan.calibration.records import write_atomic
+    from memplan.files import write_atomic
     from memplan.errors import MemplanError
 
-    recs = records.read_all(_existing(data))
+    from memplan.corrections import invalid
+
+    warnings: list[str] = []
+    recs = records.read_all(_existing(data), warnings)
+    _warn(warnings)
     fitted = {}
     if corrections_path.is_file():
         try:
-            fitted = json.loads(corrections_path.read_text()).get("families", {})
+            doc = json.loads(corrections_path.read_text())
         except ValueError as e:
             raise MemplanError(f"{corrections_path}: not valid JSON ({e})") from None
+        why = invalid(doc)
+        if why:
+            raise MemplanError(f"{corrections_path}: {why}")
+        fitted = doc.get("families", {})
+    if chart is None:
+        chart = out.parent / "estimate-vs-measured.png"  # beside the report, which links to it
     link = None
-    if chart is not None and not no_chart and any(r.get("status") == "ok" for r in recs):
+    if not no_chart and any(r.get("status") == "ok" for r in recs):
         rep.chart(recs, fitted, chart)
         link = os.path.relpath(chart, out.parent)
-    write_atomic(out, rep.markdown(recs, fitted, chart=link, sources=", ".join(map(str, data))))
+    write_atomic(out, rep.markdown(recs, fitted, chart=link, sources=", ".join(map(str, data))), label=f"--out {out}")
     console().print(f"wrote {out}" + (f" and {chart}" if link else ""))
 
 

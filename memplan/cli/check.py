@@ -29,7 +29,7 @@ def check(
     misfits = [r for r in results if not r.fits]
     if junit is not None:
         try:
-            reports.write_atomic(junit, reports.junit_xml(results))
+            reports.write_atomic(junit, reports.junit_xml(results), label=f"--junit {junit}")
         except OSError as e:
             raise MemplanError(f"--junit {junit}: cannot write ({e.strerror or e})") from None
     if as_json:

@@ -6,7 +6,7 @@ import typer
 
 from memplan.cli._common import console, guarded, print_json
 
-GIB = 1 << 30
+from memplan.units import GIB
 
 
 def _row(g) -> dict:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from memplan.result import GIB, Category, Estimate, Phase
+from memplan.result import Category, Estimate, Phase
+from memplan.units import fmt_gib
 
 # Columns of the table: each sums some categories.
 COLUMNS = {
@@ -16,10 +17,6 @@ COLUMNS = {
 
 PHASE_LABEL = {Phase.LOAD: "load", Phase.FORWARD: "fwd", Phase.BACKWARD: "bwd", Phase.OPTIMIZER_STEP: "step",
                Phase.PERTURB: "perturb"}
-
-
-def fmt_gib(n_bytes: int | None) -> str:
-    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f}"
 
 
 def verdict(est: Estimate) -> str:
