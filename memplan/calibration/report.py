@@ -54,7 +54,7 @@ class Row:
 def _views(cfg: Config, spec, fam: hardware.Family, correction: dict | None) -> dict[str, int]:
     fam = corrections.apply(fam, correction)
     _, comps, _ = analytic.peak(cfg, spec, fam)
-    _, allocated, reserved, device = add_overheads(comps, fam, correction=correction)
+    _, allocated, reserved, device = add_overheads(comps, fam)
     return {"allocated": allocated, "reserved": reserved, "device": device}
 
 
