@@ -189,6 +189,11 @@ def config_error(e, spell) -> MemplanError:
         return MemplanError(f"{spell(name)} {ctx.get('error', err['msg'])}")
     text = repr(got)
     text = text if len(text) <= 60 else text[:57] + "..."
+    info = Config.model_fields.get(name)
+    kinds = {int: "a positive integer", float: "a number", bool: "true or false", str: "a string",
+             tuple[str, ...]: "a list of module names, e.g. ['q_proj', 'v_proj']"}
+    if info is not None and info.annotation in kinds:
+        return MemplanError(f"{spell(name)} must be {kinds[info.annotation]}, got {text}")
     return MemplanError(f"{spell(name)}: {err['msg'][0].lower()}{err['msg'][1:]}, got {text}")
 
 
