@@ -174,13 +174,16 @@ def judge(est: Estimate, gpu: hardware.Gpu) -> Estimate:
 
 
 def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: bool = True,
-                    spec: ModelSpec | None = None, tier: str | Tier = Tier.ANALYTIC) -> Estimate:
-    """The estimate of one configuration by a tier; with a GPU: verdict, headroom, max batch and seq."""
+                    spec: ModelSpec | None = None, tier: str | Tier = Tier.ANALYTIC,
+                    family: hardware.Family | None = None) -> Estimate:
+    """The estimate of one configuration by a tier; with a GPU: verdict, headroom, max batch and seq.
+
+    `family` replaces the GPU's corrected family, as in `finish`."""
     est = estimator(tier)
     if est.tier is Tier.ANALYTIC:
         spec = spec or resolve(cfg.model)
-    fam, _ = family_of(gpu)
-    return finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search)
+    fam = family or family_of(gpu)[0]
+    return finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search, family=family)
 
 
 def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:

@@ -1,8 +1,8 @@
 """The options of `fit`, `trace` and `chart`, generated from `Config`: one field, one flag, one help text.
 
 A command declares its own parameters (the model, `--gpu`, `--json`, ...) and `**options`;
-`config_options` puts a typer option for every `Config` field in the place of `**options`, with the
-field's type, default and description (`--help`), and a choice field's members as its metavar. So a
+`with_config_options` replaces `**options` by a typer option for every `Config` field, with
+the field's type, default and description (`--help`), and a choice field's members as its metavar. So a
 new `Config` field appears in every command at once, spelled as the plan files spell it.
 """
 
@@ -45,7 +45,7 @@ def config_params(exclude: tuple[str, ...] = ("model", "method")) -> list[inspec
     return [_param(name, info) for name, info in Config.model_fields.items() if name not in exclude]
 
 
-def config_options(fn=None, *, exclude: tuple[str, ...] = ("model", "method")):
+def with_config_options(fn=None, *, exclude: tuple[str, ...] = ("model", "method")):
     """Give `fn(..., **options)` the Config options in place of `**options` (after its positional ones)."""
 
     def attach(fn):

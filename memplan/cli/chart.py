@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from memplan.cli._common import guarded
-from memplan.cli._options import config_options
+from memplan.cli._options import with_config_options
 
 chart_app = typer.Typer(help="Charts of fit and memory: PNG or SVG, by the output file's suffix.",
                         no_args_is_help=True)
@@ -33,7 +33,7 @@ def _finish(chart, output: Path, as_json: bool) -> None:
 
 
 @chart_app.command("grid")
-@config_options(exclude=("model", "method"))
+@with_config_options(exclude=("model", "method"))
 @guarded
 def grid(gpu: GpuOpt, output: OutputOpt,
          models: Annotated[str, typer.Option("--models", help="Comma-separated models (rows).")],
@@ -50,7 +50,7 @@ def grid(gpu: GpuOpt, output: OutputOpt,
 
 
 @chart_app.command("breakdown")
-@config_options(exclude=("model", "method"))
+@with_config_options(exclude=("model", "method"))
 @guarded
 def breakdown(model: ModelArg, gpu: GpuOpt, output: OutputOpt, methods: MethodsOpt = "all", margin: MarginOpt = "5%",
               *, as_json: JsonOpt = False, **options) -> None:
@@ -65,7 +65,7 @@ def breakdown(model: ModelArg, gpu: GpuOpt, output: OutputOpt, methods: MethodsO
 
 
 @chart_app.command("sweep")
-@config_options(exclude=("model", "method"))
+@with_config_options(exclude=("model", "method"))
 @guarded
 def sweep(model: ModelArg, gpu: GpuOpt, output: OutputOpt,
           values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],

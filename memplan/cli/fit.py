@@ -7,20 +7,13 @@ from typing import Optional
 import typer
 
 from memplan.cli._common import guarded
-from memplan.cli._options import config_options
-
-
-def methods_from(names: list[str] | None) -> list:
-    """`--method` values (repeatable, comma-separated, or `all`) as Method members; none named: zo-sgd."""
-    from memplan.options import parse_methods
-
-    return parse_methods(names or None)
+from memplan.cli._options import with_config_options
 
 
 def estimates_command(tier: str):
     """The `fit` (analytic) or `trace` command: the same options, the same table and JSON."""
 
-    @config_options
+    @with_config_options
     @guarded
     def command(
         model: str = typer.Argument(..., help="Catalog id or alias (opt-13b), config.json, or a folder with one."),
@@ -34,9 +27,9 @@ def estimates_command(tier: str):
         from memplan.api import resolve_gpu
         from memplan.cli._options import make_config
         from memplan.cli.render import exit_code, render
+        from memplan.options import parse_methods
 
-        methods = methods_from(method)
-        configs = [make_config(model, m, options) for m in methods]
+        configs = [make_config(model, m, options) for m in parse_methods(method or None)]
         the_gpu = resolve_gpu(gpu)
         run = _traced if tier == "trace" else _analytic
         estimates, notes = run(configs, the_gpu, as_json)
