@@ -55,10 +55,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, exit code 2 (bad input) or `code`."""
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
     print(f"memplan: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
