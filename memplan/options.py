@@ -6,7 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memplan.errors import unknown
+from memplan.errors import MemplanError, unknown
 
 
 class _Choice(str, Enum):
@@ -143,7 +143,75 @@ class Config(BaseModel):
         """A validated copy with some fields changed (model_copy would skip validation)."""
         return Config.model_validate({**self.model_dump(), **update})
 
+    @classmethod
+    def make(cls, *, spell=None, **fields) -> "Config":
+        """A validated Config; bad input raises MemplanError, one line naming the field (as `spell(name)`
+        spells it: `--batch` for the command line) and what is valid."""
+        from pydantic import ValidationError
+
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise config_error(e, spell or (lambda name: name)) from None
+        except TypeError as e:  # a field given twice, say
+            raise MemplanError(str(e)) from None
+
     @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         return cls.model_fields[info.field_name].annotation.parse(value)
+
+    @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
+                     mode="before")
+    @classmethod
+    def _no_bool_sizes(cls, value):
+        if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1
+            raise ValueError(f"must be a positive integer, got {value!r}")
+        return value
+
+
+def config_error(e, spell) -> MemplanError:
+    """The first error of a Config ValidationError as one line: the field, what is wrong, what is valid."""
+    err = e.errors(include_url=False)[0]
+    loc = err["loc"]
+    name = str(loc[0]) if loc else "config"
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return unknown("option", spell(name), [spell(f) for f in Config.model_fields])
+    if kind == "missing":
+        return MemplanError(f"{spell(name)} is required")
+    if kind == "greater_than_equal" and ctx.get("ge") == 1:
+        return MemplanError(f"{spell(name)} must be a positive integer, got {got!r}")
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return MemplanError(f"{spell(name)} must be {bounds[kind]} {next(iter(ctx.values()))}, got {got!r}")
+    if kind == "value_error":
+        return MemplanError(f"{spell(name)} {ctx.get('error', err['msg'])}")
+    text = repr(got)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    info = Config.model_fields.get(name)
+    kinds = {int: "a positive integer", float: "a number", bool: "true or false", str: "a string",
+             tuple[str, ...]: "a list of module names, e.g. ['q_proj', 'v_proj']"}
+    if info is not None and info.annotation in kinds:
+        return MemplanError(f"{spell(name)} must be {kinds[info.annotation]}, got {text}")
+    return MemplanError(f"{spell(name)}: {err['msg'][0].lower()}{err['msg'][1:]}, got {text}")
+
+
+def parse_methods(items, *, where: str = "--method") -> list[Method]:
+    """Method names as the command line and plan files take them: each item one name, several
+    comma-separated, or `all`; repeats kept once, in order. None: the default (zo-sgd)."""
+    if items is None:
+        return [Method.ZO_SGD]
+    out: list[Method] = []
+    for item in items:
+        if isinstance(item, Method):
+            out.append(item)
+            continue
+        if not isinstance(item, str):
+            raise MemplanError(f"a method name, a list of them, or `all`, got {item!r}")
+        for name in filter(None, (n.strip() for n in item.split(","))):
+            out.extend(Method) if name.lower() == "all" else out.append(Method.parse(name))
+    if not out:
+        raise MemplanError(f"{where} names no method; give one or more of "
+                           f"{', '.join(m.value for m in Method)}, or 'all'")
+    return list(dict.fromkeys(out))

@@ -22,29 +22,24 @@ def workspace_bytes(fam: Family, *, backward: bool) -> int:
     return fam.cublas_workspace_bytes * (2 if backward else 1)
 
 
-def views(allocated: int, fam: Family, *, correction: dict | None = None) -> tuple[int, int, int]:
+def views(allocated: int, fam: Family) -> tuple[int, int, int]:
     """(allocated, reserved, device) bytes at the peak.
 
     reserved = allocated * (1 + slack) rounded up to a 2 MiB segment (slack: block-splitting and
     cached free blocks; a per-family constant that calibration refits); device = reserved + context.
+    A calibration correction reaches here already applied to `fam` (`corrections.apply`).
     """
-    slack = fam.allocator_slack
-    context = fam.context_bytes
-    if correction:
-        slack = correction.get("allocator_slack", slack)
-        context = correction.get("context_bytes", context)
     # Integer arithmetic (slack in parts per million): a float product overflows for absurd requests
     # such as batch 10^300, which must still get an answer ("does not fit"), not a crash.
-    reserved = allocated + allocated * round(slack * 1_000_000) // 1_000_000
+    reserved = allocated + allocated * round(fam.allocator_slack * 1_000_000) // 1_000_000
     reserved = -(-reserved // SEGMENT) * SEGMENT
-    return allocated, reserved, reserved + context
+    return allocated, reserved, reserved + fam.context_bytes
 
 
-def add_overheads(components: dict[Category, int], fam: Family, *, correction: dict | None = None
-                  ) -> tuple[dict[Category, int], int, int, int]:
+def add_overheads(components: dict[Category, int], fam: Family) -> tuple[dict[Category, int], int, int, int]:
     """Complete the categories with allocator slack and context; return (components, the three views)."""
     allocated = sum(components.values())
-    allocated, reserved, device = views(allocated, fam, correction=correction)
+    allocated, reserved, device = views(allocated, fam)
     out = dict(components)
     out[Category.ALLOCATOR] = reserved - allocated
     out[Category.CONTEXT] = device - reserved

@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import model_validator
 
 from memplan.errors import MemplanError, unknown
-from memplan.result import GIB, Estimate
+from memplan.result import GIB, Estimate, Tier
 from memplan.margin import DEFAULT as DEFAULT_MARGIN
 from memplan.margin import Margin
 from memplan.options import Config, Method
 
-TierName = Literal["analytic", "trace"]
+TierName = Literal[tuple(t.value for t in Tier if t is not Tier.MEASURED)]  # tiers that estimate alone
 _METHODS_SCHEMA = {
     "anyOf": [
         {"enum": ["all", *(m.value for m in Method)],
@@ -60,18 +60,12 @@ class Run(Config):
     @field_validator("method", mode="before")
     @classmethod
     def _parse_methods(cls, value):
+        from memplan.options import parse_methods
+
         items = value if isinstance(value, list) else [value]
         if not items:
             raise ValueError("empty list; name at least one method, or `all`")
-        out: list[Method] = []
-        for item in items:
-            if not isinstance(item, str):
-                raise ValueError(f"a method name, a list of them, or `all`, got {_show(item)}")
-            if item.strip().lower() == "all":
-                out.extend(Method)
-            else:
-                out.append(_as_value_error(Method.parse, item))
-        return list(dict.fromkeys(out))
+        return _as_value_error(lambda v: parse_methods(v, where="method"), items)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -341,18 +335,21 @@ class Result:
 
 
 def _estimator(tier: str):
-    """The estimate function of a tier: (cfg, gpu, spec) -> Estimate."""
-    if tier == "analytic":
-        from memplan.api import estimate_config
+    """The estimate function of a tier, from the pipeline's registry: (cfg, gpu, spec) -> Estimate."""
+    from memplan.pipeline import estimate_config, estimator
+    from memplan.result import Tier
 
-        return lambda cfg, gpu, spec: estimate_config(cfg, gpu, search=False, spec=spec)
-    try:
-        from memplan.tracing import trace_config
-    except ImportError as e:
-        raise MemplanError(f"tier: trace needs the trace tier (memplan.tracing, torch and transformers: "
-                           f"pip install 'memplan[torch]'), which this install lacks ({e}); "
-                           "use tier: analytic") from None
-    return lambda cfg, gpu, spec: trace_config(cfg, gpu)
+    if Tier(tier) is Tier.TRACE:
+        try:
+            import memplan.tracing  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise MemplanError(f"tier: trace needs the trace tier (memplan.tracing, torch and transformers: "
+                               f"pip install 'memplan[torch]'), which this install lacks ({e}); "
+                               "use tier: analytic") from None
+    found = estimator(tier)
+    return lambda cfg, gpu, spec: estimate_config(cfg, gpu, search=False, spec=spec, tier=found.tier)
 
 
 def check(pf: PlanFile) -> list[Result]:
@@ -375,6 +372,6 @@ def check(pf: PlanFile) -> list[Result]:
                 est = judge(estimate(cfg, gpu, spec), gpu)
                 result = Result(pf.path, name, line, gpu.name, gpu.total_bytes, margin.bytes_of(gpu.total_bytes), est)
                 if not result.fits:
-                    result.fixes = fixes(est, spec, gpu, base=cfg, margin=margin)
+                    result.fixes = fixes(est, spec, gpu, margin=margin)
                 out.append(result)
     return out

@@ -2,53 +2,44 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from memplan.options import Attention, Dtype, Method, Scheme
+from memplan.options import Attention, Config, Dtype, Method, Scheme, _Choice
 
 from memplan.units import GIB, MIB, gib  # noqa: F401  (imported from here by other modules)
 
 
-class Category(str, Enum):
+class Category(_Choice):
     """Where bytes go. Traced, analytic and measured results line up key for key."""
 
-    WEIGHTS = "weights"  # model parameters and buffers (frozen and trainable)
-    GRADIENTS = "gradients"  # .grad of trainable parameters
-    OPTIMIZER_STATE = "optimizer_state"  # momentum, exp_avg, exp_avg_sq, ZO gradient accumulators
-    ACTIVATIONS = "activations"  # hidden states saved for backward, or live in a forward
-    PERTURBATION = "perturbation"  # ZO direction vectors z and their temporaries
-    TANGENTS = "tangents"  # forward-gradient tangent vector and dual activations
-    LOGITS = "logits"  # logits and loss buffers (often upcast to fp32)
-    WORKSPACE = "workspace"  # cuBLAS / cuBLASLt workspaces (allocated through torch)
-    CONTEXT = "context"  # CUDA context: device view only
-    ALLOCATOR = "allocator"  # reserved minus allocated: caching-allocator slack
-
-    def __str__(self) -> str:
-        return self.value
+    WEIGHTS = "weights", "model parameters and buffers (frozen and trainable)"
+    GRADIENTS = "gradients", ".grad of trainable parameters"
+    OPTIMIZER_STATE = "optimizer_state", "momentum, exp_avg, exp_avg_sq, ZO gradient accumulators"
+    ACTIVATIONS = "activations", "hidden states saved for backward, or live in a forward"
+    PERTURBATION = "perturbation", "ZO direction vectors z and their temporaries"
+    TANGENTS = "tangents", "forward-gradient tangent vector and dual activations"
+    LOGITS = "logits", "logits and loss buffers (often upcast to fp32)"
+    WORKSPACE = "workspace", "cuBLAS / cuBLASLt workspaces (allocated through torch)"
+    CONTEXT = "context", "CUDA context: device view only"
+    ALLOCATOR = "allocator", "reserved minus allocated: caching-allocator slack"
 
 
-class Phase(str, Enum):
+class Phase(_Choice):
     """Parts of a training step; the peak is the max over them."""
 
-    LOAD = "load"  # weights on the device, state from the previous step
-    FORWARD = "forward"  # a forward pass (each ZO forward, the FG dual forward)
-    BACKWARD = "backward"  # backprop: gradients appear while activations free
-    OPTIMIZER_STEP = "optimizer_step"  # the update, with its temporaries
-    PERTURB = "perturb"  # ZO: weights moved along z
-
-    def __str__(self) -> str:
-        return self.value
+    LOAD = "load", "weights on the device, state from the previous step"
+    FORWARD = "forward", "a forward pass (each ZO forward, the FG dual forward)"
+    BACKWARD = "backward", "backprop: gradients appear while activations free"
+    OPTIMIZER_STEP = "optimizer_step", "the update, with its temporaries"
+    PERTURB = "perturb", "ZO: weights moved along z"
 
 
-class Tier(str, Enum):
-    ANALYTIC = "analytic"
-    TRACE = "trace"
-    MEASURED = "measured"
+class Tier(_Choice):
+    """Which estimator counted the tensor bytes."""
 
-    def __str__(self) -> str:
-        return self.value
+    ANALYTIC = "analytic", "closed-form phases per component: microseconds, no torch"
+    TRACE = "trace", "the real training step on fake tensors on the CPU: exact tensor bytes"
+    MEASURED = "measured", "the real step on a GPU (calibration records)"
 
 
 class GpuRef(BaseModel):
@@ -90,6 +81,8 @@ class Estimate(BaseModel):
     max_seq: int | None = Field(None, description="Largest seq that fits at this batch (0: none).")
     correction: str | None = Field(None, description="Overhead correction applied (calibration source).")
     warnings: list[str] = Field(default_factory=list)
+    config: Config | None = Field(None, description="The configuration estimated, every option as given "
+                                  "(model as typed; `model` above is the resolved id).")
 
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -7,7 +7,7 @@ from enum import Enum
 
 from memplan import hardware
 from memplan.margin import Margin
-from memplan.options import Attention, Config, Method, Scheme
+from memplan.options import Attention, Method, Scheme
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
@@ -37,24 +37,18 @@ class Fix:
         return {"field": self.field, "value": self.value, "peak_device_bytes": self.peak_device_bytes}
 
 
-def _config_of(est: Estimate, base: Config | None) -> Config:
-    fields = dict(method=est.method, scheme=est.scheme, dtype=est.dtype, batch=est.batch, seq=est.seq,
-                  attention=est.attention)
-    return base.replace(**fields) if base else Config(model=est.model, **fields)
-
-
-def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, base: Config | None = None,
-          margin: Margin | None = None) -> list[Fix]:
+def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | None = None) -> list[Fix]:
     """Each single change that makes `est` fit on `gpu` (within `margin`), least disruptive first.
 
     Order: kernels and recomputation keep the training maths; then a smaller batch or seq (the
     largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
+    Each change is made to the configuration the estimate carries (`est.config`), every option kept.
     """
-    from memplan.api import _largest, device_bytes
+    from memplan.pipeline import device_bytes, largest as _largest
 
     margin = margin or Margin()
     budget = margin.budget(gpu.total_bytes)
-    cfg = _config_of(est, base)
+    cfg = est.config
     out: list[Fix] = []
 
     def attempt(field: str, value) -> None:
@@ -89,11 +83,11 @@ def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
     return ", ".join(f"{f.key if plan_keys else f.flag} ({f.peak_device_bytes / GIB:.1f} GiB)" for f in found)
 
 
-def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None, base: Config | None = None) -> list[str]:
+def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None) -> list[str]:
     """Readable lines: what would make a non-fitting estimate fit."""
     if gpu is None or est.fits is not False:
         return []
-    found = fixes(est, spec, gpu, base)
+    found = fixes(est, spec, gpu)
     if not found:
         return [f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
     return [f"{est.method.value} would fit with: {describe(found)}"]

@@ -176,32 +176,16 @@ def _attention_warnings(config: Config, cfg) -> list[str]:
     return []
 
 
-def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | None = None) -> Estimate:
+def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | None = None,
+          spec=None) -> Estimate:
     """The trace-tier Estimate of one configuration (a `hardware.Gpu` judges the fit).
 
-    The allocated view is the traced peak plus the cuBLAS workspace (inside kernels, so invisible to
-    the tracer); reserved and device views come from the same overhead model as the analytic tier.
+    The traced tensor bytes go through the same pipeline as the analytic tier's (`pipeline.finish`):
+    the cuBLAS workspace (inside kernels, so invisible to the tracer), reserved and device views, the
+    calibration correction and the verdict. No max batch / seq search: each point would be a trace.
     """
-    from memplan import corrections, hardware
-    from memplan.api import judge
-    from memplan.overhead import add_overheads, workspace_bytes
-    from memplan.steps import model_config_dict
+    from memplan.pipeline import TraceTier, family_of, finish
 
-    traced = trace_step(config, on_phase=on_phase)
-    peak = traced.peak
-    fam = hardware.family(gpu.family if gpu is not None and gpu.family else "default")
-    correction = corrections.for_family(fam.name)
-    components = {c: peak.components.get(c, 0) for c in Category if c not in (Category.CONTEXT, Category.ALLOCATOR)}
-    # cuBLAS workspaces persist once created; backward's thread holds a second handle.
-    components[Category.WORKSPACE] = workspace_bytes(fam, backward=config.method.is_fo)
-    components, allocated, reserved, device = add_overheads(components, fam, correction=correction)
-    phases = {ph: n + components[Category.WORKSPACE] for ph, n in peak.phases.items()}
-    est = Estimate(
-        model=model_config_dict(config.model)[0], method=config.method, scheme=config.scheme,
-        dtype=config.dtype, batch=config.batch, seq=config.seq, attention=config.attention, tier=Tier.TRACE,
-        peak_phase=peak.phase, components=components, phases=phases, peak_allocated_bytes=allocated,
-        peak_reserved_bytes=reserved, peak_device_bytes=device, trainable_params=traced.trainable_params,
-        total_params=traced.total_params, warnings=traced.warnings,
-        correction=correction.get("source") if correction else None,
-    )
-    return judge(est, gpu) if gpu is not None else est
+    tier = TraceTier(on_phase=on_phase)
+    fam, _ = family_of(gpu)
+    return finish(tier.tensor_peak(config, spec, fam), config, spec, gpu, tier=Tier.TRACE, search=False)

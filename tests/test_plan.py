@@ -167,6 +167,26 @@ def test_trace_tier_missing_is_a_clear_error(monkeypatch):
         plan.check(plan.parse(GOOD.replace("margin: 5%", "margin: 5%\ntier: trace")))
 
 
+def test_trace_tier_plan_is_really_traced(tmp_path):
+    """D1: `tier: trace` always failed (it imported a function that does not exist)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny import TINY_OPT, write
+
+    from memplan.result import Tier
+    from memplan.tracing import trace
+
+    model = write(tmp_path, TINY_OPT)
+    text = f"gpus: [h100]\nmargin: 5%\ntier: trace\nruns:\n  - model: {model}\n    method: [zo-sgd, fo-sgd]\n" \
+           "    batch: 2\n    seq: 16\n"
+    results = plan.check(plan.parse(text))
+    assert [r.estimate.tier for r in results] == [Tier.TRACE, Tier.TRACE]
+    for r in results:
+        traced = trace(r.estimate.config, gpu=H100)
+        assert r.estimate.peak_device_bytes == traced.peak_device_bytes
+        assert r.estimate.components == traced.components and r.fits
+
+
 def test_fit_suggestions_keep_their_flags():
     from memplan.suggest import fixes, suggestions
 

@@ -13,14 +13,15 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memplan import analytic, corrections, hardware
+from memplan import corrections, hardware
 from memplan.errors import MemplanError
+from memplan.pipeline import estimate_config
+from memplan.result import Estimate, Tier
 from memplan.units import MIB, fmt_size
 from memplan.options import Config
-from memplan.overhead import add_overheads
 from memplan.spec import spec_from_config
 
-TIERS = ("analytic", "corrected", "trace")
+TIERS = (Tier.ANALYTIC.value, "corrected", Tier.TRACE.value)  # "corrected": analytic with fitted overheads
 CPU_FAMILY = hardware.Family(name="cpu", context_bytes=0, cublas_workspace_bytes=0, allocator_slack=0.0,
                              source="CPU live-bytes meter: no cuBLAS workspace, allocator or CUDA context")
 
@@ -38,8 +39,16 @@ class Row:
     family: str
     capacity_bytes: int | None  # the card (or the CPU meter's cap) the OOM boundary is judged against
     measured: dict[str, int | None] = field(default_factory=dict)  # allocated, reserved, device
-    estimates: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> view -> bytes
+    results: dict[str, Estimate] = field(default_factory=dict)  # tier -> the pipeline's Estimate
+    recorded: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> view -> bytes of a trace record
     error: str = ""
+
+    @property
+    def estimates(self) -> dict[str, dict[str, int]]:
+        """tier -> view -> bytes, for every tier that has a number."""
+        out = {tier: {"allocated": e.peak_allocated_bytes, "reserved": e.peak_reserved_bytes,
+                      "device": e.peak_device_bytes} for tier, e in self.results.items()}
+        return {**out, **self.recorded}
 
     def err(self, tier: str, view: str | None = None) -> float | None:
         """(estimate - measured) / measured in a view (default: the row's own)."""
@@ -49,13 +58,6 @@ class Row:
         if self.status != "ok" or est is None or not meas:
             return None
         return (est - meas) / meas
-
-
-def _views(cfg: Config, spec, fam: hardware.Family, correction: dict | None) -> dict[str, int]:
-    fam = corrections.apply(fam, correction)
-    _, comps, _ = analytic.peak(cfg, spec, fam)
-    _, allocated, reserved, device = add_overheads(comps, fam, correction=correction)
-    return {"allocated": allocated, "reserved": reserved, "device": device}
 
 
 def row_of(rec: dict, fitted: dict, traces: dict[str, dict]) -> Row:
@@ -73,16 +75,18 @@ def row_of(rec: dict, fitted: dict, traces: dict[str, dict]) -> Row:
               capacity_bytes=capacity, error=rec.get("error", ""),
               measured={"allocated": rec.get("peak_allocated_bytes"), "reserved": rec.get("peak_reserved_bytes"),
                         "device": rec.get("peak_device_bytes")})
-    row.estimates["analytic"] = _views(cfg, spec, fam, None)
+    # The same pipeline as `memplan fit`, on the record's family: its catalog constants, then its fitted ones.
+    row.results[Tier.ANALYTIC.value] = estimate_config(cfg, None, search=False, spec=spec, family=fam)
     correction = fitted.get(family)
     if correction:
-        row.estimates["corrected"] = _views(cfg, spec, fam, correction)
+        row.results["corrected"] = estimate_config(cfg, None, search=False, spec=spec,
+                                                   family=corrections.apply(fam, correction))
     trace = traces.get(rec.get("config_key", ""))
     if trace and trace.get("peak_allocated_bytes"):
         t = {"allocated": trace["peak_allocated_bytes"]}
         if trace.get("peak_device_bytes"):
             t["device"] = trace["peak_device_bytes"]
-        row.estimates["trace"] = t
+        row.recorded[Tier.TRACE.value] = t
     return row
 
 

@@ -1,7 +1,11 @@
 """The `memplan` command: one module per command, each parsing, calling the library and rendering.
 
+Exit codes: 0 every estimate fits (or there is no GPU to judge against); 1 some estimate does not
+fit; 2 bad input (one line on stderr, no traceback); 3 an internal error, a bug in memplan (one line
+on stderr naming the exception; please report it). A CI gate can tell a crash (3) from a misfit (1).
+
 Nothing here imports torch, transformers or matplotlib; the commands that need them import them
-inside their functions, so `memplan fit` starts fast.
+inside their functions, so `memplan fit` starts fast: `main` imports only the command it runs.
 """
 
 from __future__ import annotations
@@ -17,35 +21,38 @@ except ImportError:  # pragma: no cover - older typer on click
 
 from memplan.errors import MemplanError
 
-app = typer.Typer(
-    name="memplan",
-    help="GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+HELP = "GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient."
+COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
+INTERNAL_ERROR = 3
 
-@app.callback()
+
 def _root() -> None:
     """GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient."""
 
 
-_COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
-
-
-def _register(argv: list[str]) -> None:
-    """Import the command modules: only the one being run when the command line names it."""
+def build(names: tuple[str, ...] | list[str] = COMMANDS) -> typer.Typer:
+    """The `memplan` app with the named commands registered (importing only their modules)."""
     import importlib
 
-    asked = next((a for a in argv if not a.startswith("-")), None)
-    names = [asked] if asked in _COMMANDS and "--help" not in argv else _COMMANDS
+    app = typer.Typer(name="memplan", help=HELP, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.callback()(_root)
     for name in names:
-        module = importlib.import_module(f"memplan.cli.{name}")
-        module.register(app)
+        importlib.import_module(f"memplan.cli.{name}").register(app)
+    return app
 
 
-_register(sys.argv[1:])
+def _commands_for(argv: list[str]) -> tuple[str, ...]:
+    """Only the command the command line names; every command for help or an unknown name."""
+    asked = next((a for a in argv if not a.startswith("-")), None)
+    return (asked,) if asked in COMMANDS and "--help" not in argv else COMMANDS
+
+
+def __getattr__(name: str):
+    if name == "app":  # every command, built on first use (tests, docs)
+        globals()["app"] = built = build()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fail(message: str) -> None:
@@ -55,9 +62,12 @@ def fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: bad input gets one line on stderr and exit code 2, never a traceback."""
+    """Console entry point: bad input gets one line on stderr and exit code 2, a bug one line and exit
+    code 3, never a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    app = build(_commands_for(args))
     try:
-        rc = app(args=argv, standalone_mode=False)  # returns the code of typer.Exit
+        rc = app(args=args, standalone_mode=False)  # returns the code of typer.Exit
     except MemplanError as e:  # raised outside a command body
         fail(str(e))
     except click_exc.NoArgsIsHelpError as e:
@@ -70,5 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if type(e).__name__ == "Abort":
             fail("aborted")
-        raise
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"memplan: internal error: {type(e).__name__}: {message} (a bug in memplan: please report it "
+              "with the command line that caused it)", file=sys.stderr)
+        raise SystemExit(INTERNAL_ERROR) from None
     raise SystemExit(rc or 0)

@@ -1,0 +1,261 @@
+"""One pipeline from tensor bytes to an `Estimate`, whichever tier counted the bytes.
+
+A tier (an `Estimator` in `ESTIMATORS`) answers one question: which tensors are live at the peak of
+a training step, by phase and category (`TensorPeak`). `finish` does everything else, the same way
+for every tier: it picks the GPU family and applies its calibration correction (once), adds the
+overheads (cuBLAS workspace where the tier cannot see it, allocator slack, CUDA context), gives the
+verdict and searches the largest batch and sequence that fit. So the tiers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from memplan import analytic, corrections, hardware
+from memplan.options import Config
+from memplan.overhead import add_overheads, workspace_bytes
+from memplan.result import Category, Estimate, GpuRef, Phase, Tier
+from memplan.spec import ModelSpec, resolve
+
+SEARCH_LIMIT = 1 << 24  # no batch or seq search beyond 16M
+
+
+@dataclass(frozen=True)
+class TensorPeak:
+    """What a tier counted: tensor bytes at the peak of one step, by category, and the peak of each phase.
+
+    `workspace_counted` says whether `components` and `phases` already hold the cuBLAS workspace
+    (the analytic tier models it per phase); when False, `finish` adds it, from the same corrected
+    family, to the peak and to every phase.
+    """
+
+    phase: Phase
+    components: dict[Category, int]
+    phases: dict[Phase, int]
+    model: str
+    trainable_params: int = 0
+    total_params: int = 0
+    warnings: tuple[str, ...] = ()
+    workspace_counted: bool = True
+
+
+class Estimator(Protocol):
+    """A tier: the tensor bytes of one configuration on a GPU family (already corrected)."""
+
+    tier: Tier
+
+    def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak: ...
+
+
+@dataclass(frozen=True)
+class AnalyticTier:
+    """Closed-form phases (`analytic.peak`): microseconds, no torch."""
+
+    tier: Tier = Tier.ANALYTIC
+
+    def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
+        spec = spec or resolve(cfg.model)
+        phase, comps, totals = analytic.peak(cfg, spec, fam)
+        return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count)
+
+
+@dataclass(frozen=True)
+class TraceTier:
+    """The real step on fake tensors (`tracing.trace_step`); imports torch when it runs."""
+
+    tier: Tier = Tier.TRACE
+    on_phase: object = None  # a callable(label, Phase) for a live status line
+
+    def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
+        from memplan.steps import model_config_dict
+        from memplan.tracing import trace_step
+
+        traced = trace_step(cfg, on_phase=self.on_phase)
+        peak = traced.peak
+        comps = {c: peak.components.get(c, 0) for c in _TENSOR_CATEGORIES}
+        name = spec.name if spec is not None else model_config_dict(cfg.model)[0]
+        # cuBLAS workspaces are allocated inside kernels: the tracer sees no op output for them.
+        return TensorPeak(peak.phase, comps, dict(peak.phases), name, traced.trainable_params, traced.total_params,
+                          tuple(traced.warnings), workspace_counted=False)
+
+
+def measured_peak(cfg: Config, model: str, phase: Phase, components: dict[Category, int],
+                  phases: dict[Phase, int] | None = None) -> TensorPeak:
+    """A measured record's tensor bytes (a CPU live-bytes meter, say) through the same door."""
+    comps = {c: components.get(c, 0) for c in _TENSOR_CATEGORIES}
+    return TensorPeak(phase, comps, dict(phases or {phase: sum(comps.values())}), model,
+                      workspace_counted=Category.WORKSPACE in components)
+
+
+_TENSOR_CATEGORIES = tuple(c for c in Category if c not in (Category.CONTEXT, Category.ALLOCATOR))
+
+ESTIMATORS: dict[Tier, Estimator] = {Tier.ANALYTIC: AnalyticTier(), Tier.TRACE: TraceTier()}
+
+
+def estimator(tier: str | Tier) -> Estimator:
+    """The registered estimator of a tier; MemplanError for a tier that cannot estimate on its own."""
+    from memplan.errors import unknown
+
+    try:
+        return ESTIMATORS[Tier(tier)]
+    except (KeyError, ValueError):
+        raise unknown("tier", str(tier), [t.value for t in ESTIMATORS]) from None
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+def family_of(gpu: hardware.Gpu | None) -> tuple[hardware.Family, str | None]:
+    """The GPU's family with its calibration correction applied (the one place that applies it), and the
+    correction's source (None when no calibration covers the family)."""
+    fam = hardware.family(gpu.family if gpu else "default")
+    correction = corrections.for_family(fam.name)
+    return corrections.apply(fam, correction), (correction.get("source") if correction else None)
+
+
+def gpu_ref(gpu: hardware.Gpu) -> GpuRef:
+    return GpuRef(name=gpu.name, total_bytes=gpu.total_bytes, family=gpu.family, detected=gpu.detected)
+
+
+def _with_workspace(peak: TensorPeak, cfg: Config, fam: hardware.Family) -> tuple[dict, dict]:
+    if peak.workspace_counted:
+        return dict(peak.components), dict(peak.phases)
+    # One workspace per (handle, stream); autograd's backward thread holds a second handle.
+    ws = workspace_bytes(fam, backward=cfg.method.is_fo)
+    comps = dict(peak.components)
+    comps[Category.WORKSPACE] = comps.get(Category.WORKSPACE, 0) + ws
+    return comps, {ph: n + ws for ph, n in peak.phases.items()}
+
+
+def _warnings(peak: TensorPeak, cfg: Config, spec: ModelSpec | None) -> list[str]:
+    out = []
+    if spec is not None and cfg.seq > spec.max_positions:
+        out.append(f"seq {cfg.seq} is beyond {spec.name}'s {spec.max_positions} positions")
+    if cfg.grad_checkpointing and not cfg.method.is_fo:
+        out.append(f"--grad-checkpointing has no effect on {cfg.method.value} (no backward pass)")
+    return out + [w for w in peak.warnings if w not in out]
+
+
+def finish(peak: TensorPeak, cfg: Config, spec: ModelSpec | None, gpu: hardware.Gpu | None, *,
+           tier: Tier = Tier.ANALYTIC, search: bool = True, family: hardware.Family | None = None) -> Estimate:
+    """The Estimate of a tier's tensor bytes: overheads, views, verdict, and (search) max batch and seq.
+
+    `family` replaces the GPU's corrected family (the calibration report compares raw constants and a
+    CPU meter's empty overheads). The max batch / seq search runs the analytic tier, so only an
+    analytic estimate gets one (a traced max batch would be a dozen traces).
+    """
+    fam, source = family_of(gpu) if family is None else (family, None)
+    comps, phases = _with_workspace(peak, cfg, fam)
+    comps, allocated, reserved, device = add_overheads(comps, fam)
+    est = Estimate.model_construct(  # built from validated values: skip re-validation (sweeps are hot)
+        model=peak.model, method=cfg.method, scheme=cfg.scheme, dtype=cfg.dtype, batch=cfg.batch, seq=cfg.seq,
+        attention=cfg.attention, tier=tier, peak_phase=peak.phase, components=comps, phases=phases,
+        peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
+        trainable_params=peak.trainable_params, total_params=peak.total_params, correction=source,
+        warnings=_warnings(peak, cfg, spec), gpu=None, fits=None, headroom_bytes=None, max_batch=None,
+        max_seq=None, config=cfg,
+    )
+    if gpu is not None:
+        judge(est, gpu)
+        if search and tier is Tier.ANALYTIC:
+            spec = spec or resolve(cfg.model)
+            est.max_batch = largest(cfg, spec, gpu, "batch")
+            est.max_seq = largest(cfg, spec, gpu, "seq")
+    return est
+
+
+def judge(est: Estimate, gpu: hardware.Gpu) -> Estimate:
+    """Set the verdict of an estimate against a GPU (device view)."""
+    est.gpu = gpu_ref(gpu)
+    est.headroom_bytes = gpu.total_bytes - est.peak_device_bytes
+    est.fits = est.headroom_bytes >= 0
+    return est
+
+
+def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: bool = True,
+                    spec: ModelSpec | None = None, tier: str | Tier = Tier.ANALYTIC,
+                    family: hardware.Family | None = None) -> Estimate:
+    """The estimate of one configuration by a tier; with a GPU: verdict, headroom, max batch and seq.
+
+    `family` replaces the GPU's corrected family, as in `finish`."""
+    est = estimator(tier)
+    if est.tier is Tier.ANALYTIC:
+        spec = spec or resolve(cfg.model)
+    fam = family or family_of(gpu)[0]
+    return finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search, family=family)
+
+
+def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:
+    """Peak device bytes of one configuration, analytic tier (the number a fit verdict uses)."""
+    fam, _ = family_of(gpu)
+    _, comps, _ = analytic.peak(cfg, spec, fam)
+    return add_overheads(comps, fam)[3]
+
+
+def largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str, budget: int | None = None) -> int:
+    """Largest value of `field` (batch or seq) whose peak is within `budget` (default: the whole GPU).
+
+    Exponential then binary search; the peak grows monotonically with batch and seq, so the boundary is exact.
+    """
+    budget = gpu.total_bytes if budget is None else budget
+
+    def fits(n: int) -> bool:
+        return device_bytes(cfg.model_copy(update={field: n}), spec, gpu) <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= SEARCH_LIMIT and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > SEARCH_LIMIT:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ---- the Python API ----------------------------------------------------------------------------
+
+
+def resolve_gpu(name: str | hardware.Gpu | None) -> hardware.Gpu | None:
+    """A GPU by name, `auto`, or (None) the local GPU when NVML finds one, else None."""
+    from memplan.errors import MemplanError
+
+    if name is None:
+        found = hardware.detect()
+        return found[0] if found else None
+    if isinstance(name, hardware.Gpu):
+        return name
+    if not isinstance(name, str):
+        raise MemplanError(f"gpu: a GPU name (`memplan gpus` lists them) or 'auto', got {name!r}")
+    return hardware.get_gpu(name)
+
+
+def estimate(model: str, method: str = "zo-sgd", *, gpu: str | hardware.Gpu | None = None, search: bool = True,
+             **options) -> Estimate:
+    """Estimate one configuration: `estimate("opt-13b", "zo-sgd", batch=16, seq=512, gpu="a100-80gb")`.
+
+    Options are `Config` fields (scheme, dtype, batch, seq, attention, lora_rank, ...). Every bad argument
+    raises `MemplanError` with a one-line message. One method per call: `estimate_all` takes `all` or a list.
+    """
+    from memplan.errors import MemplanError
+
+    if isinstance(method, str) and method.strip().lower() == "all":
+        raise MemplanError("method: 'all' is not one method; use memplan.estimate_all(model, 'all', ...), "
+                           "which returns a list")
+    cfg = Config.make(model=model, method=method, **options)
+    return estimate_config(cfg, resolve_gpu(gpu) if gpu is not None else None, search=search)
+
+
+def estimate_all(model: str, methods="all", *, gpu: str | hardware.Gpu | None = None, search: bool = True,
+                 **options) -> list[Estimate]:
+    """One estimate per method: `methods` is `all`, a comma-separated string, or a list of names."""
+    from memplan.options import parse_methods
+
+    names = [methods] if isinstance(methods, str) else methods
+    the_gpu = resolve_gpu(gpu) if gpu is not None else None
+    cfgs = [Config.make(model=model, method=m, **options) for m in parse_methods(names, where="methods")]
+    spec = resolve(cfgs[0].model)
+    return [estimate_config(c, the_gpu, search=search, spec=spec) for c in cfgs]
