@@ -23,7 +23,7 @@ MIB = 1 << 20
 @pytest.fixture
 def package_corrections(tmp_path, monkeypatch):
     path = tmp_path / "corrections.json"
-    monkeypatch.setattr(corrections, "PATH", path)
+    monkeypatch.setenv(corrections.ENV, str(path))
     corrections.reload()
     yield path
     corrections.reload()
