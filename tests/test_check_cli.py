@@ -63,8 +63,22 @@ def test_misfit_exits_1_and_names_it(plan_file):
     assert r["headroom_bytes"] == r["budget_bytes"] - r["peak_device_bytes"]
     assert r["line"] == 8
     assert r["fixes"] and r["fixes"][0]["peak_device_bytes"] <= r["budget_bytes"]
-    # The table names the misfit too (text is for people; this only checks it is said).
-    assert "big-adam on h100-80gb [fo-adam]" in invoke("check", plan_file).stdout.replace("\n", " ")
+    # The misfit is named in words too, on stderr (text is for people; this only checks it is said).
+    assert "does not fit: big-adam on h100-80gb [fo-adam]" in invoke("check", plan_file).stderr.replace("\n", " ")
+
+
+def test_table_mode_keeps_stdout_for_the_table(plan_file):
+    # `memplan check plan.yaml > table.txt`: verdicts in words and warnings go to stderr.
+    text = PLAN.replace("    batch: 16\n", "    batch: 16\n    seq: 4096\n    grad_checkpointing: true\n")
+    plan_file.write_text(text.replace("method: [zo-sgd, fo-adam]", "method: [zo-sgd, fo-sgd]"))
+    res = invoke("check", plan_file)
+    assert res.exit_code == 1
+    err = " ".join(res.stderr.split())
+    assert "does not fit: big-adam on h100-80gb [fo-adam]" in err
+    assert "warning: big-adam: seq 4096 is beyond facebook/opt-13b's 2048 positions" in err
+    out = " ".join(res.stdout.split())
+    assert "does not fit" not in out and "warning" not in out
+    assert out.startswith("memplan check") and "big-adam" in out and "no fit" in out
 
 
 def test_invalid_plan_exits_2_with_one_line(tmp_path):
