@@ -89,6 +89,26 @@ def test_invalid_plan_exits_2_with_one_line(tmp_path):
     assert res.stderr == f"memplan: error: {p}: runs[0].batch: must be >= 1, got 0 (line 7)\n"
 
 
+BOMB = "".join(["x:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"]
+               + [f"  {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB + "gpus: [h100]\nmargin: *i\nruns: [{model: opt-125m}]\n",
+     "YAML aliases expand this file by more than 100,000 values; write the values out, or use fewer aliases"),
+    ("gpus: [h100]\nruns:\n  - {name: a, model: opt-125m, batch: 4, batch: 4000}\n",
+     "runs[0]: duplicate key 'batch' on line 3; the later one would silently replace the first"),
+    ("gpus: [h100]\nruns:\n  - model: opt-125m\n  - {name: 'runs[0]', model: opt-350m}\n",
+     "runs[1].name: 'runs[0]' is also the default name of runs[0]; names must be unique"),
+])
+def test_hostile_or_ambiguous_plans_exit_2_with_one_short_line(tmp_path, text, message):
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    res = invoke("check", p)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr == f"memplan: error: {p}: {message}\n"
+
+
 def test_one_bad_file_stops_all(plan_file, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"gpus": ["h100"], "runs": [{"model": "opt-125m", "colour": "red"}]}')
