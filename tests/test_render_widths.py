@@ -110,3 +110,17 @@ def test_gpus_table_keeps_names_and_sizes_whole(width):
     for g in gpus:
         expected.update([g["name"], gib(g["total_bytes"]), g["family"]])
     assert_whole(res.stdout, expected, width)
+
+
+def test_calibration_note_goes_to_stderr(capsys, monkeypatch):
+    from memplan.api import estimate_config
+    from memplan.cli.render import render
+    from memplan.hardware import get_gpu
+    from memplan.options import Config
+
+    monkeypatch.setenv("COLUMNS", "120")
+    est = estimate_config(Config(model="opt-125m"), get_gpu("h100")).model_copy(update={"correction": "h100 grid"})
+    render([est], as_json=False, notes=["a note"])
+    out, err = capsys.readouterr()
+    assert "overheads corrected by calibration: h100 grid" in err and "a note" in err
+    assert "calibration" not in out and "note" not in out and "zo-sgd" in out
