@@ -99,17 +99,21 @@ def estimates_table(estimates: list[Estimate], names: tuple[str, ...] | None = N
     return table
 
 
+def _label(name: str) -> str:
+    """A column header on one line: `head-\\nroom` -> `headroom`, `max\\nseq` -> `max seq`."""
+    return name.replace("-\n", "").replace("\n", " ")
+
+
 def estimate_blocks(estimates: list[Estimate]) -> list:
     """The narrow layout of `fit`: per method, its verdict line, then its numbers as `key value` pairs."""
     out = []
     for e in estimates:
-        c = {name.replace("\n", " ").replace("- ", ""): cell for name, cell in _estimate_cells(e).items()}
+        c = {_label(name): cell for name, cell in _estimate_cells(e).items()}
         out.append(f"[bold]{c['method']}[/bold]: {c['verdict']}")
         out.append(indented(f"peak {c['peak GiB']} GiB at {c['phase']}, headroom {c['headroom']} GiB, "
                             f"max batch {c['max batch']}, max seq {c['max seq']}"))
-        out.append(indented(", ".join(f"{name.replace(' ', '')} {c[name.replace(chr(10), ' ').replace('- ', '')]}"
-                                      for name in map(lambda n: n.replace("\n", " ").replace("- ", ""), COLUMNS))
-                            + " (GiB)"))
+        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in COLUMNS)
+        out.append(indented(", ".join(parts) + " (GiB)"))
     return out
 
 
@@ -129,11 +133,10 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
     if as_json:
         print_json({"estimates": [e.to_json_dict() for e in estimates]})
         return
+    from rich.console import Console
     from rich.text import Text
 
     # stdout holds the table; what is said about it goes to stderr, so `> file` keeps the table alone.
-    from rich.console import Console
-
     out, err = console(), Console(stderr=True)
     caption = Text(CAPTION, style="dim")
     head = [Text(title_of(estimates[0])), ""]
