@@ -7,7 +7,6 @@ is wrong and what is valid.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema, field_validator
 from pydantic import model_validator
 
+from memplan import yamlfile
 from memplan.errors import MemplanError, unknown
 from memplan.result import GIB, Estimate, Tier
 from memplan.margin import DEFAULT as DEFAULT_MARGIN
@@ -114,22 +114,36 @@ class Plan(BaseModel):
         for item in items:
             if not isinstance(item, str):
                 raise ValueError(f"a GPU name or a list of them, got {_show(item)}")
-            _as_value_error(get_gpu, item)
+            if item.strip().lower() == "auto":
+                try:
+                    get_gpu(item)
+                except MemplanError:
+                    raise ValueError("`auto` means the local GPU, and no NVIDIA GPU was found (NVML not "
+                                     "available); name one instead, e.g. gpus: [a100-80gb]") from None
+            else:
+                _as_value_error(get_gpu, item)
         return list(dict.fromkeys(items))
 
     @field_validator("margin", mode="before")
     @classmethod
     def _margin(cls, value):
+        if not isinstance(value, (str, int)) or isinstance(value, str) and len(value) > 40:
+            from memplan.margin import HINT
+
+            raise ValueError(f"{HINT}; got {_show(value)}")  # never the repr of a whole structure
         return str(Margin.parse(value))
 
     @model_validator(mode="after")
     def _unique_names(self):
+        # Unnamed runs are reported as runs[i]: an explicit name may not take one of those either.
         seen: dict[str, int] = {}
-        for i, run in enumerate(self.runs):
-            if run.name is not None and run.name in seen:
-                raise ValueError(f"runs[{i}].name: {run.name!r} is also the name of runs[{seen[run.name]}]; "
+        for i, name in enumerate(self.run_names()):
+            if name in seen:
+                named, other = (i, seen[name]) if self.runs[i].name is not None else (seen[name], i)
+                whose = "the name" if self.runs[other].name is not None else "the default name"
+                raise ValueError(f"runs[{named}].name: {_show(name)} is also {whose} of runs[{other}]; "
                                  "names must be unique")
-            seen.setdefault(run.name, i)
+            seen[name] = i
         return self
 
     def run_names(self) -> list[str]:
@@ -152,67 +166,15 @@ def schema() -> dict:
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return yamlfile.show(value, limit)
 
 
-def _path_of(loc: tuple) -> str:
-    """`runs[0].batch`; a key that is not a plain word is quoted: `runs[0]['my key']`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int) and out or not str(part).isidentifier():
-            out += f"[{part!r}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
+line_of = yamlfile.line_of
 
 
-def _describe(err: dict) -> str:
-    """One pydantic error in the plan's words: what is wrong, what is valid."""
-    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "missing":
-        return "required key missing"
-    if kind == "extra_forbidden":
-        owner = Run if len(err["loc"]) > 2 and err["loc"][0] == "runs" else Plan
-        return str(unknown("key", str(err["loc"][-1]), owner.model_fields))
-    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit}, got {_show(got)}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    if kind.startswith(("int_", "float_", "bool_", "string_", "list_", "model_", "dict_", "enum", "literal_")):
-        return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {_show(got)}"
-    return f"{err['msg']}, got {_show(got)}"
-
-
-def _lines(text: str) -> Any:
-    """The YAML node tree (for line numbers), or None."""
-    import yaml
-
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except Exception:  # the data parser reports syntax errors; lines are a courtesy
-        return None
-
-
-def line_of(tree: Any, loc: tuple) -> int | None:
-    """1-based line of the value at `loc` in a YAML node tree (the key's line when the value is absent)."""
-    import yaml
-
-    node, line = tree, None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            hit = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
-            if hit is None:
-                return line
-            line, node = hit[0].start_mark.line + 1, hit[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line if node is None else node.start_mark.line + 1
+def _valid_keys(loc: tuple):
+    """The keys valid where an unknown key `loc` was found: a run's or the plan's."""
+    return (Run if len(loc) > 2 and loc[0] == "runs" else Plan).model_fields
 
 
 @dataclass(frozen=True)
@@ -226,43 +188,16 @@ class PlanFile:
 
 def parse(text: str, name: str = "plan.yaml", *, base: Path | None = None, fmt: str | None = None) -> PlanFile:
     """Validate plan text; MemplanError names the file, key (and line) on bad input."""
-    import yaml
-
     fmt = fmt or ("json" if name.lower().endswith(".json") else "yaml")
-    tree = None
-    try:
-        if fmt == "json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-            tree = _lines(text)
-    except json.JSONDecodeError as e:
-        raise MemplanError(f"{name}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise MemplanError(f"{name}: {where}invalid YAML: {what}".replace("\n", " ")) from None
-    except RecursionError:
-        raise MemplanError(f"{name}: nested too deeply") from None
+    data, tree = yamlfile.read(text, name, fmt=fmt)
     if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        got = "an empty file" if data is None else yamlfile.kind_of(data)
         raise MemplanError(f"{name}: expected a mapping with keys {', '.join(Plan.model_fields)}; got {got}")
     try:
         plan = Plan.model_validate(data, context={"base": base})
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        messages = []
-        for err in errors:
-            loc = err["loc"]
-            if err["type"] == "value_error" and not loc:  # a plan-wide rule names its own key
-                messages.append(str(err["ctx"]["error"]))
-                continue
-            line = line_of(tree, loc) if tree is not None else None
-            messages.append(f"{_path_of(loc)}: {_describe(err)}" + (f" (line {line})" if line else ""))
-        more = f" [and {len(messages) - 1} more: {'; '.join(messages[1:])}]" if len(messages) > 1 else ""
-        # One line, whatever the plan holds: messages quote user text with repr, except pydantic's own.
-        raise MemplanError(f"{name}: {messages[0]}{more}".replace("\n", " ")) from None
+        messages = yamlfile.error_messages(e, tree, _valid_keys)
+        raise MemplanError(f"{name}: {yamlfile.one_line(messages)}") from None
     lines = tuple(line_of(tree, ("runs", i)) if tree is not None else None for i in range(len(plan.runs)))
     return PlanFile(path=name, plan=plan, run_lines=lines)
 

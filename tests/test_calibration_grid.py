@@ -54,13 +54,13 @@ def test_model_path_relative_to_the_grid(tmp_path):
     ("configs: [{model: opt-125m}]\nwarmup: 2\n", r"g.yaml: warmup: unknown key"),
     ("configs: [{model: opt-125m, methd: zo-sgd}]\n", r"configs\[0\]: methd: unknown key"),
     ("configs: [{model: opt-125m, method: zo-foo}]\n", r"configs\[0\]: unknown method 'zo-foo'"),
-    ("configs: [{model: opt-125m, batch: 0}]\n", r"configs\[0\]: batch: Input should be greater than or equal to 1"),
+    ("configs: [{model: opt-125m, batch: 0}]\n", r"configs\[0\]: batch: must be >= 1, got 0"),
     ("configs: [{model: opt-9000}]\n", r"configs\[0\]: unknown model 'opt-9000'"),
     ("configs: [{method: zo-sgd}]\n", r"configs\[0\]: no `model`"),
     ("configs: []\n", r"configs: List should have at least 1 item"),
-    ("configs: [{model: opt-125m}\n", r"not valid YAML \(line \d+, column \d+\)"),
+    ("configs: [{model: opt-125m}\n", r"line \d+, column \d+: invalid YAML"),
     ("- 1\n- 2\n", r"a grid is a mapping"),
-    ("device: gpu\nconfigs: [{model: opt-125m}]\n", r"device: Input should be 'auto', 'cuda' or 'cpu'"),
+    ("device: gpu\nconfigs: [{model: opt-125m}]\n", r"device: input should be 'auto', 'cuda' or 'cpu', got 'gpu' \(line 1\)"),
     ("models: {m: {model_type: opt}}\nconfigs: [{model: m}]\n", r"configs\[0\]: models.m lacks 'hidden_size'"),
 ])
 def test_bad_grids_fail_with_one_line_naming_the_key(tmp_path, text, match):

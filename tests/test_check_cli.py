@@ -63,8 +63,22 @@ def test_misfit_exits_1_and_names_it(plan_file):
     assert r["headroom_bytes"] == r["budget_bytes"] - r["peak_device_bytes"]
     assert r["line"] == 8
     assert r["fixes"] and r["fixes"][0]["peak_device_bytes"] <= r["budget_bytes"]
-    # The table names the misfit too (text is for people; this only checks it is said).
-    assert "big-adam on h100-80gb [fo-adam]" in invoke("check", plan_file).stdout.replace("\n", " ")
+    # The misfit is named in words too, on stderr (text is for people; this only checks it is said).
+    assert "does not fit: big-adam on h100-80gb [fo-adam]" in invoke("check", plan_file).stderr.replace("\n", " ")
+
+
+def test_table_mode_keeps_stdout_for_the_table(plan_file):
+    # `memplan check plan.yaml > table.txt`: verdicts in words and warnings go to stderr.
+    text = PLAN.replace("    batch: 16\n", "    batch: 16\n    seq: 4096\n    grad_checkpointing: true\n")
+    plan_file.write_text(text.replace("method: [zo-sgd, fo-adam]", "method: [zo-sgd, fo-sgd]"))
+    res = invoke("check", plan_file)
+    assert res.exit_code == 1
+    err = " ".join(res.stderr.split())
+    assert "does not fit: big-adam on h100-80gb [fo-adam]" in err
+    assert "warning: big-adam: seq 4096 is beyond facebook/opt-13b's 2048 positions" in err
+    out = " ".join(res.stdout.split())
+    assert "does not fit" not in out and "warning" not in out
+    assert out.startswith("memplan check") and "big-adam" in out and "no fit" in out
 
 
 def test_invalid_plan_exits_2_with_one_line(tmp_path):
@@ -73,6 +87,26 @@ def test_invalid_plan_exits_2_with_one_line(tmp_path):
     res = invoke("check", p)
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr == f"memplan: error: {p}: runs[0].batch: must be >= 1, got 0 (line 7)\n"
+
+
+BOMB = "".join(["x:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"]
+               + [f"  {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB + "gpus: [h100]\nmargin: *i\nruns: [{model: opt-125m}]\n",
+     "YAML aliases expand this file by more than 100,000 values; write the values out, or use fewer aliases"),
+    ("gpus: [h100]\nruns:\n  - {name: a, model: opt-125m, batch: 4, batch: 4000}\n",
+     "runs[0]: duplicate key 'batch' on line 3; the later one would silently replace the first"),
+    ("gpus: [h100]\nruns:\n  - model: opt-125m\n  - {name: 'runs[0]', model: opt-350m}\n",
+     "runs[1].name: 'runs[0]' is also the default name of runs[0]; names must be unique"),
+])
+def test_hostile_or_ambiguous_plans_exit_2_with_one_short_line(tmp_path, text, message):
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    res = invoke("check", p)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr == f"memplan: error: {p}: {message}\n"
 
 
 def test_one_bad_file_stops_all(plan_file, tmp_path):

@@ -85,11 +85,103 @@ def test_bad_plans_name_file_key_and_fix(old, new, message):
 @pytest.mark.parametrize("text, message", [
     ("", "expected a mapping with keys gpus, margin, tier, runs; got an empty file"),
     ("[1, 2]", "got a list"),
+    ("5", "got an integer$"),
+    ("text", "got a string$"),
     ('{"gpus": ["h100"],', r"p\.json: line 1, column 19: invalid JSON"),
 ])
 def test_not_a_plan(text, message):
     with pytest.raises(MemplanError, match=message):
         plan.parse(text, "p.json" if text.startswith("{") else "plan.yaml")
+
+
+def _bomb(levels: int = 9) -> str:
+    """Anchors a..i, each nine aliases of the one before: `*i` expands to 9^9 strings (a 400-byte file)."""
+    names = "abcdefghi"[:levels]
+    lines = ['x:', '  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  {n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", [
+    "gpus: [h100]\nmargin: *i\nruns:\n  - model: opt-125m\n",
+    "gpus: [h100]\nruns:\n  - {model: opt-125m, name: *i}\n",
+    "gpus: [h100]\nruns:\n  - {model: *i}\n",
+    "gpus: [h100]\nruns:\n  - {model: opt-125m, *i : 1}\n",
+    "gpus: *i\nruns:\n  - {model: opt-125m}\n",
+])
+def test_alias_bomb_is_refused_at_once_in_one_short_line(where):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(MemplanError, match=r"^plan\.yaml: YAML aliases expand this file by more than") as e:
+        plan.parse(_bomb() + where)
+    assert time.perf_counter() - start < 2 and len(str(e.value)) < 200
+
+
+def test_aliases_within_the_budget_still_work():
+    # Shared run settings through an anchor and a merge key: the later key wins, its line is reported.
+    text = ("gpus: [h100]\nruns:\n  - &base {name: a, model: opt-125m, batch: 4}\n"
+            "  - <<: *base\n    name: b\n    batch: 0\n")
+    with pytest.raises(MemplanError, match=r"runs\[1\]\.batch: must be >= 1, got 0 \(line 6\)$"):
+        plan.parse(text)
+    pf = plan.parse(text.replace("batch: 0", "batch: 8"))
+    assert [(r.name, r.model, r.batch) for r in pf.plan.runs] == [("a", "opt-125m", 4), ("b", "opt-125m", 8)]
+
+
+def test_a_huge_margin_value_is_quoted_short():
+    with pytest.raises(MemplanError, match=r"^plan\.yaml: margin: write a share .*; got \[.*\.\.\.") as e:
+        plan.parse(GOOD.replace("margin: 5%", "margin: " + str(list(range(10_000)))))
+    assert len(str(e.value)) < 300
+
+
+def test_recursive_alias_is_refused():
+    with pytest.raises(MemplanError, match=r"line 1: an alias refers to a value that contains it"):
+        plan.parse("gpus: &g [h100, *g]\nruns: [{model: opt-125m}]\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gpus: [h100]\ngpus: [rtx-4090]\nruns:\n  - {model: opt-125m}\n",
+     r"^plan\.yaml: duplicate key 'gpus' on lines 1 and 2; the later one would silently replace the first$"),
+    ("gpus: [h100]\nruns:\n  - {name: a, model: opt-125m, batch: 4, batch: 4000}\n",
+     r"^plan\.yaml: runs\[0\]: duplicate key 'batch' on line 3;"),
+    ("gpus: [h100]\nruns:\n  - model: opt-125m\n  - model: opt-125m\n    seq: 64\n    seq: 128\n",
+     r"^plan\.yaml: runs\[1\]: duplicate key 'seq' on lines 5 and 6;"),
+])
+def test_duplicate_keys_are_refused_with_both_lines(text, message):
+    with pytest.raises(MemplanError, match=message):
+        plan.parse(text)
+
+
+def test_duplicate_keys_in_json_are_refused():
+    with pytest.raises(MemplanError, match=r"^p\.json: duplicate key 'batch'"):
+        plan.parse('{"gpus": ["h100"], "runs": [{"model": "opt-125m", "batch": 1, "batch": 2}]}', "p.json")
+
+
+@pytest.mark.parametrize("runs, message", [
+    ("[{model: opt-125m}, {name: 'runs[0]', model: opt-350m}]",
+     r"runs\[1\]\.name: 'runs\[0\]' is also the default name of runs\[0\]; names must be unique"),
+    ("[{name: 'runs[1]', model: opt-125m}, {model: opt-350m}]",
+     r"runs\[0\]\.name: 'runs\[1\]' is also the default name of runs\[1\]"),
+])
+def test_explicit_name_may_not_take_a_default_name(runs, message):
+    with pytest.raises(MemplanError, match=message):
+        plan.parse(f"gpus: [h100]\nruns: {runs}\n")
+
+
+def test_many_bad_runs_give_a_short_line():
+    text = "gpus: [h100]\nruns:\n" + "".join(f"  - {{name: r{i}, model: opt-125m, batch: 0}}\n" for i in range(5000))
+    with pytest.raises(MemplanError) as e:
+        plan.parse(text)
+    message = str(e.value)
+    assert message.startswith("plan.yaml: runs[0].batch: must be >= 1, got 0 (line 3); runs[1].batch")
+    assert message.endswith(" (and 4997 more)") and len(message) < 400
+
+
+def test_gpus_auto_without_a_gpu_names_the_plan_key(monkeypatch):
+    monkeypatch.setattr(hardware, "detect", lambda: [])
+    with pytest.raises(MemplanError, match=r"^plan\.yaml: gpus: `auto` means the local GPU.*gpus: \[a100-80gb\]") as e:
+        plan.parse(GOOD.replace("[h100]", "auto"))
+    assert "--gpu" not in str(e.value)
 
 
 def test_model_path_is_relative_to_the_plan(tmp_path):

@@ -77,46 +77,41 @@ def config_key(config: Config, model_config: dict) -> str:
     return stable_hash({"config": config.model_dump(mode="json"), "model_config": model_config})
 
 
-def _where(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "grid"
+def _errors(e: ValidationError, tree: Any = None, owner: type[BaseModel] = Config) -> str:
+    """Every error (the first few, then a count) on one line, as plan files give them."""
+    from memplan import yamlfile
+
+    return yamlfile.one_line(yamlfile.error_messages(e, tree, lambda loc: owner.model_fields))
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{_where(err)}: {msg}"
-
-
-def _read_yaml(path: Path) -> Any:
-    import yaml
+def _read_yaml(path: Path) -> tuple[Any, Any]:
+    """(data, node tree for line numbers): the loader plan files use (libyaml, no alias bombs, no duplicate keys)."""
+    from memplan import yamlfile
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MemplanError(f"{path}: no such grid file") from None
     except OSError as e:
         raise MemplanError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise MemplanError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise MemplanError(f"{path}: not UTF-8 text") from None
+    return yamlfile.read(text, str(path))
 
 
 def load(path: str | Path) -> Grid:
     """Read and validate a grid file; every error is one line naming the file and the key."""
+    from memplan import yamlfile
+
     path = Path(path)
-    data = _read_yaml(path)
+    data, tree = _read_yaml(path)
     if not isinstance(data, dict):
-        raise MemplanError(f"{path}: a grid is a mapping with at least `configs:`, got {type(data).__name__}")
+        got = "an empty file" if data is None else yamlfile.kind_of(data)
+        raise MemplanError(f"{path}: a grid is a mapping with at least `configs:`, got {got}")
     try:
         grid = Grid.model_validate(data)
     except ValidationError as e:
-        raise MemplanError(f"{path}: {_first_error(e)}") from None
+        raise MemplanError(f"{path}: {_errors(e, tree, Grid)}") from None
     if not grid.name:
         grid.name = path.stem
     grid._base = path.parent
@@ -167,7 +162,7 @@ def jobs(grid: Grid) -> list[Job]:
                 model_name, model_config = _model(grid, str(fields["model"]), base)
                 cfg = Config(**{**fields, "model": model_name})
             except ValidationError as e:
-                raise MemplanError(f"{where}: {_first_error(e)}") from None
+                raise MemplanError(f"{where}: {_errors(e)}") from None
             except MemplanError as e:
                 raise MemplanError(f"{where}: {e}") from None
             key = config_key(cfg, model_config)

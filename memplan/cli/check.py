@@ -21,7 +21,7 @@ def check(
     """Check plan files: does every run fit every GPU, keeping the margin free?"""
     from memplan import plan, reports
     from memplan.cli._common import console, print_json
-    from memplan.cli.render import check_table
+    from memplan.cli.render import print_check
     from memplan.errors import MemplanError
 
     files = [plan.load(p) for p in plans]  # every file is valid before any is checked
@@ -35,15 +35,17 @@ def check(
     if as_json:
         print_json({"fits": not misfits, "results": [r.to_json_dict() for r in results]})
     else:
+        from rich.console import Console
         from rich.markup import escape
 
-        out = console()
-        out.print(check_table(results))
+        # stdout holds the table; the verdicts in words and the warnings go to stderr.
+        out, err = console(), Console(stderr=True)
+        print_check(out, results)
         for r in misfits:
-            out.print(f"[red]does not fit:[/red] {escape(reports.testcase_name(r))}: {r.summary()}; "
+            err.print(f"[red]does not fit:[/red] {escape(reports.testcase_name(r))}: {r.summary()}; "
                       f"{escape(r.advice())}", highlight=False)
         for w in sorted({f"{r.run}: {w}" for r in results for w in r.estimate.warnings}):
-            out.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+            err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         stream = sys.stderr if as_json else sys.stdout  # keep --json output parseable
         for line in reports.github_annotations(results):

@@ -27,14 +27,27 @@ def register(app: typer.Typer) -> None:
             print_json({"gpus": known, "detected": found})
             return
         out = console()
-        out.print(_table("catalog", known))
-        out.print(_table("detected", found) if found else "No NVIDIA GPU found (NVML not available); name one with --gpu.")
+        _print(out, "catalog", known)
+        if found:
+            out.print()
+            _print(out, "detected", found)
+        else:
+            out.print("No NVIDIA GPU found (NVML not available); name one with --gpu.")
 
 
-def _table(title: str, rows: list[dict]):
-    from rich.table import Table
+def _print(out, title: str, rows: list[dict]) -> None:
+    """A table of GPUs, or one line per GPU where the console is too narrow for it."""
+    from memplan.cli.render import add_columns, compact_table, indented, print_fitting
 
-    table = Table("name", "GPU", "memory (GiB)", "family", title=title)
-    for r in rows:
-        table.add_row(r["name"], r["display"], f"{r['total_bytes'] / GIB:.2f}", r["family"])
-    return table
+    cells = [(r["name"], r["display"], f"{r['total_bytes'] / GIB:.2f}", r["family"]) for r in rows]
+
+    def table():
+        t = compact_table()
+        add_columns(t, ("name", "GPU", "memory\n(GiB)", "family"), cells, left=("name", "GPU", "family"))
+        return [f"[bold]{title}[/bold]", t]
+
+    def lines():
+        return [f"[bold]{title}[/bold]",
+                *(indented(f"{name}: {display}, {gib} GiB, {family}") for name, display, gib, family in cells)]
+
+    print_fitting(out, table, lines)

@@ -27,11 +27,31 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json({"models": rows})
             return
-        from rich.table import Table
+        from memplan.cli.render import add_columns, compact_table, indented, print_fitting
 
-        table = Table("model", "aliases", "params (B)", "layers", "hidden", "heads/kv", "type")
-        table.columns[0].no_wrap = True  # ids are what users copy; let aliases wrap instead
-        for r in rows:
-            table.add_row(r["id"], ", ".join(r["aliases"]), f"{r['params'] / 1e9:.2f}", str(r["layers"]),
-                          str(r["hidden_size"]), f"{r['heads']} / {r['kv_heads']}", r["model_type"])
-        console().print(table)
+        cells = [(r["id"], f"{r['params'] / 1e9:.2f}", str(r["layers"]), str(r["hidden_size"]),
+                  f"{r['heads']} / {r['kv_heads']}", r["model_type"]) for r in rows]
+        shape = ("params\n(B)", "layers", "hidden", "heads\n/ kv", "type")
+
+        def wide():  # aliases in their own column, one a line
+            table = compact_table()
+            add_columns(table, ("model", "aliases", *shape),
+                        [(c[0], "\n".join(r["aliases"]), *c[1:]) for c, r in zip(cells, rows)],
+                        left=("model", "aliases", "type"))
+            return [table]
+
+        def stacked():  # aliases under the id: what users copy stays whole
+            table = compact_table()
+            add_columns(table, ("model\n  aliases", *shape),
+                        [("\n".join([c[0], *("  " + a for a in r["aliases"])]), *c[1:]) for c, r in zip(cells, rows)],
+                        left=("model\n  aliases", "type"))
+            return [table]
+
+        def blocks():
+            out = []
+            for (mid, params, layers, hidden, heads, kind), r in zip(cells, rows):
+                out += [f"[bold]{mid}[/bold]", indented(f"aliases {', '.join(r['aliases']) or '-'}; {kind}, {params} B "
+                                                         f"params, {layers} layers, hidden {hidden}, heads {heads}")]
+            return out
+
+        print_fitting(console(), wide, stacked, blocks)

@@ -25,29 +25,96 @@ def verdict(est: Estimate) -> str:
     return "[green]fits[/green]" if est.fits else "[red]no fit[/red]"
 
 
-def estimates_table(estimates: list[Estimate], title: str):
+def compact_table(**kwargs):
+    """The tables' one style: a rule under the header, one space between columns, no frame."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption="all sizes in GiB (2^30 bytes); peak = device "
-                  "view (reserved + CUDA context)", caption_justify="left", padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  box=box.SIMPLE_HEAD)
-    rows = []
-    for e in estimates:
-        parts = (sum(e.components.get(c, 0) for c in cats) for cats in COLUMNS.values())
-        rows.append((
-            e.method.value, fmt_gib(e.peak_device_bytes), PHASE_LABEL[e.peak_phase], *map(fmt_gib, parts), verdict(e),
-            fmt_gib(e.headroom_bytes), "-" if e.max_batch is None else str(e.max_batch),
-            "-" if e.max_seq is None else str(e.max_seq),
-        ))
-    names = ("method", "peak\nGiB", "phase", *COLUMNS, "verdict", "head-\nroom", "max\nbatch", "max\nseq")
+    return Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, show_edge=False,
+                 **kwargs)
+
+
+def add_columns(table, names: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ()) -> None:
+    """Columns that never wrap nor cut a cell: each is as wide as its widest cell or header line."""
+    from rich.text import Text
+
+    def cell_width(cell: str) -> int:
+        return max(Text.from_markup(line).cell_len for line in cell.split("\n"))
+
     for i, name in enumerate(names):
-        width = max(len(r[i]) for r in rows) if name != "verdict" else 6  # cells never get cut
-        table.add_column(name, justify="left" if name in ("method", "phase", "verdict") else "right",
-                         no_wrap=True, min_width=width)
+        width = max([cell_width(r[i]) for r in rows] + [cell_width(name)])
+        table.add_column(name, justify="left" if name in left else "right", no_wrap=True, min_width=width)
     for row in rows:
         table.add_row(*row)
+
+
+def print_fitting(out, *layouts) -> None:
+    """Print the first layout whose tables all fit the console's width; the last one always prints.
+
+    A layout is a function returning renderables. A table wider than the terminal would cut cells
+    (`…`) or drop columns, so it gives way to a narrower layout instead; text parts wrap at spaces,
+    which keeps numbers whole.
+    """
+    from rich.table import Table
+
+    wide = out.options.update_width(1 << 16)
+    for i, layout in enumerate(layouts):
+        parts = layout()
+        last = i == len(layouts) - 1
+        if last or all(out.measure(p, options=wide).maximum <= out.width for p in parts if isinstance(p, Table)):
+            for part in parts:
+                out.print(part)
+            return
+
+
+def indented(text: str, by: int = 2):
+    """Markup text indented by `by` columns, its wrapped lines too."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    return Padding(Text.from_markup(text), (0, 0, 0, by))
+
+
+def _estimate_cells(e: Estimate) -> dict[str, str]:
+    parts = (sum(e.components.get(c, 0) for c in cats) for cats in COLUMNS.values())
+    return {"method": e.method.value, "peak\nGiB": fmt_gib(e.peak_device_bytes), "phase": PHASE_LABEL[e.peak_phase],
+            **dict(zip(COLUMNS, map(fmt_gib, parts))), "verdict": verdict(e), "head-\nroom": fmt_gib(e.headroom_bytes),
+            "max\nbatch": "-" if e.max_batch is None else str(e.max_batch),
+            "max\nseq": "-" if e.max_seq is None else str(e.max_seq)}
+
+
+VERDICT_COLUMNS = ("method", "peak\nGiB", "phase", "verdict", "head-\nroom", "max\nbatch", "max\nseq")
+_LEFT = ("method", "phase", "verdict")
+
+
+def estimates_table(estimates: list[Estimate], names: tuple[str, ...] | None = None):
+    """The `fit` / `trace` table: one row per method; `names` picks columns (default: all)."""
+    cells = [_estimate_cells(e) for e in estimates]
+    names = names or tuple(cells[0])
+    table = compact_table()
+    add_columns(table, names, [tuple(c[n] for n in names) for c in cells], left=_LEFT)
     return table
+
+
+def _label(name: str) -> str:
+    """A column header on one line: `head-\\nroom` -> `headroom`, `max\\nseq` -> `max seq`."""
+    return name.replace("-\n", "").replace("\n", " ")
+
+
+def estimate_blocks(estimates: list[Estimate]) -> list:
+    """The narrow layout of `fit`: per method, its verdict line, then its numbers as `key value` pairs."""
+    out = []
+    for e in estimates:
+        c = {_label(name): cell for name, cell in _estimate_cells(e).items()}
+        out.append(f"[bold]{c['method']}[/bold]: {c['verdict']}")
+        out.append(indented(f"peak {c['peak GiB']} GiB at {c['phase']}, headroom {c['headroom']} GiB, "
+                            f"max batch {c['max batch']}, max seq {c['max seq']}"))
+        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in COLUMNS)
+        out.append(indented(", ".join(parts) + " (GiB)"))
+    return out
+
+
+CAPTION = "all sizes in GiB (2^30 bytes); peak = device view (reserved + CUDA context)"
 
 
 def title_of(est: Estimate) -> str:
@@ -63,14 +130,26 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
     if as_json:
         print_json({"estimates": [e.to_json_dict() for e in estimates]})
         return
-    out = console()
-    out.print(estimates_table(estimates, title_of(estimates[0])))
+    from rich.console import Console
+    from rich.text import Text
+
+    # stdout holds the table; what is said about it goes to stderr, so `> file` keeps the table alone.
+    out, err = console(), Console(stderr=True)
+    caption = Text(CAPTION, style="dim")
+    head = [Text(title_of(estimates[0])), ""]
+    print_fitting(
+        out,
+        lambda: [*head, estimates_table(estimates), "", caption],
+        lambda: [*head, estimates_table(estimates, VERDICT_COLUMNS), "",
+                 estimates_table(estimates, ("method", *COLUMNS)), "", caption],
+        lambda: [*head, *estimate_blocks(estimates), "", caption],
+    )
     for source in sorted({e.correction for e in estimates if e.correction}):
-        out.print(f"overheads corrected by calibration: {source}", markup=False)
+        err.print(f"overheads corrected by calibration: {source}", markup=False)
     for line in notes:
-        out.print(line)
+        err.print(line)
     for w in sorted({w for e in estimates for w in e.warnings}):
-        out.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {w}")
 
 
 def exit_code(estimates: list[Estimate]) -> int:
@@ -78,28 +157,80 @@ def exit_code(estimates: list[Estimate]) -> int:
     return 1 if any(e.fits is False for e in estimates) else 0
 
 
-def check_table(results: list):
-    """One row per run x GPU x method of `memplan check` (plan.Result)."""
+CHECK_CAPTION = "sizes in GiB (2^30 bytes); peak = device view; budget = GPU total - margin"
+_CHECK_COLUMNS = ("gpu", "method", "peak", "budget", "head-\nroom", "phase", "verdict")
+
+
+def _check_cells(r) -> tuple[str, ...]:
+    return (r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes), fmt_gib(r.budget_bytes),
+            fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes), PHASE_LABEL[r.estimate.peak_phase],
+            "[green]fits[/green]" if r.fits else "[red]no fit[/red]")
+
+
+def _names(r) -> tuple[str, str]:
     from pathlib import Path
 
-    from rich import box
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title="memplan check", title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
-                  padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  caption="sizes in GiB (2^30 bytes); peak = device view; budget = GPU total - margin")
-    rows = [(escape(Path(r.plan).name), escape(r.run), r.gpu, r.method, fmt_gib(r.estimate.peak_device_bytes),
-             fmt_gib(r.budget_bytes), fmt_gib(r.budget_bytes - r.estimate.peak_device_bytes),
-             PHASE_LABEL[r.estimate.peak_phase], "[green]fits[/green]" if r.fits else "[red]no fit[/red]")
-            for r in results]
-    names = ("plan", "run", "gpu", "method", "peak", "budget", "head-\nroom", "phase", "verdict")
-    for i, name in enumerate(names):
-        numeric = name in ("peak", "budget", "head-\nroom")
-        # Numbers and short names never wrap; plan and run names fold rather than lose their ends.
-        table.add_column(name, justify="right" if numeric else "left",
-                         no_wrap=name not in ("plan", "run"), overflow="fold",
-                         min_width=(max(len(r[i]) for r in rows) if name not in ("plan", "run", "verdict") else 6))
-    for row in rows:
-        table.add_row(*row)
+    return escape(Path(r.plan).name), escape(r.run)
+
+
+def check_table(results: list):
+    """One row per run x GPU x method of `memplan check` (plan.Result), every name and number whole."""
+    table = compact_table()
+    rows = [(*_names(r), *_check_cells(r)) for r in results]
+    add_columns(table, ("plan", "run", *_CHECK_COLUMNS), rows, left=("plan", "run", "gpu", "method", "phase", "verdict"))
     return table
+
+
+def check_groups(results: list) -> list:
+    """The middle layout of `check`: a `plan · run` line above each run's rows, one header for all."""
+    import itertools
+
+    from rich.text import Text
+
+    left = ("gpu", "method", "phase", "verdict")
+    rows = [_check_cells(r) for r in results]
+    widths = [max([Text.from_markup(row[i]).cell_len for row in rows] + [len(x) for x in name.split("\n")])
+              for i, name in enumerate(_CHECK_COLUMNS)]
+
+    def table(show_header: bool):
+        t = compact_table(show_header=show_header)
+        for name, width in zip(_CHECK_COLUMNS, widths):
+            t.add_column(name, justify="left" if name in left else "right", no_wrap=True, width=width)
+        return t
+
+    out = [table(True)]
+    for (plan, run), group in itertools.groupby(zip(results, rows), key=lambda rr: _names(rr[0])):
+        body = table(False)
+        for _, row in group:
+            body.add_row(*row)
+        out += [f"[bold]{plan}[/bold] · {run}", body]
+    return out
+
+
+def check_blocks(results: list) -> list:
+    """The narrow layout of `check`: a `plan · run` line, then one wrapped line per GPU x method."""
+    import itertools
+
+    out = []
+    for (plan, run), group in itertools.groupby(results, key=_names):
+        out.append(f"[bold]{plan}[/bold] · {run}")
+        for r in group:
+            gpu, method, peak, budget, headroom, phase, verdict_ = _check_cells(r)
+            out.append(indented(f"{gpu} {method}: {verdict_}, peak {peak}, budget {budget}, "
+                                f"headroom {headroom} GiB, at {phase}"))
+    return out
+
+
+def print_check(out, results: list) -> None:
+    """The `check` table, in the widest layout the console holds."""
+    from rich.text import Text
+
+    caption = Text(CHECK_CAPTION, style="dim")
+    print_fitting(
+        out,
+        lambda: ["memplan check", "", check_table(results), "", caption],
+        lambda: ["memplan check", "", *check_groups(results), "", caption],
+        lambda: ["memplan check", "", *check_blocks(results), "", caption],
+    )
