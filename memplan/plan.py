@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic import model_validator
 
 from memplan import yamlfile
-from memplan.errors import MemplanError, unknown
+from memplan.errors import MemplanError
 from memplan.result import GIB, Estimate, Tier
 from memplan.margin import DEFAULT as DEFAULT_MARGIN
 from memplan.margin import Margin
