@@ -13,36 +13,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.activations import ADAPTER_BYTES, LAYERS, Trains, lora_saved_per_token
+from collections import Counter
+
+from memplan.arch import Ctx
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, HfVersion, Method, Perturbation, Scheme
+from memplan.options import Attention, Config, Method, Perturbation, Scheme
 from memplan.overhead import round_block, workspace_bytes
 from memplan.spec import ModelSpec
 
 C = Category
+ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True)
+Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 
-@dataclass(frozen=True, slots=True)
-class Shapes:
-    """Sizes one configuration needs, computed once."""
-
-    tokens: int  # T = batch * seq_in (prompt tokens included)
-    seq_q: int  # query length
-    seq_k: int  # key length (prefix tokens included)
-    wb: int
-    cb: int
-    r: int  # residual-stream bytes
-    amp: bool
-
-
-def shapes(cfg: Config, spec: ModelSpec) -> Shapes:
+def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
     seq_k = seq_in + (cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else 0)
     amp = cfg.dtype.is_amp
-    return Shapes(
-        tokens=cfg.batch * seq_in, seq_q=seq_in, seq_k=seq_k, wb=cfg.dtype.weight_bytes,
-        cb=cfg.dtype.compute_bytes, r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
+    return Ctx(
+        cfg=cfg, spec=spec, arch=spec.arch.at(cfg.hf_version), tokens=cfg.batch * seq_in, seq_q=seq_in,
+        seq_k=seq_k, wb=cfg.dtype.weight_bytes, cb=cfg.dtype.compute_bytes,
+        r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
     )
 
 
@@ -58,9 +50,6 @@ def weight_bytes(spec: ModelSpec, wb: int) -> int:
     return spec.memo[key]
 
 
-_NOT_CAST = ("embed_positions", "wpe", "position_embeddings", "token_type_embeddings", "rotary_emb")
-
-
 def cast_cache_bytes(spec: ModelSpec, cb: int) -> int:
     """16-bit copies autocast makes of the weights that feed matmuls (linear layers and the lm_head).
 
@@ -69,11 +58,11 @@ def cast_cache_bytes(spec: ModelSpec, cb: int) -> int:
     key = ("cast", cb)
     if key not in spec.memo:
         total = 0
+        arch = spec.arch
         for t in spec.tensors:
-            if t.group == "norms" or t.module in _NOT_CAST or "norm" in t.module.lower():
+            if t.group == "norms" or t.module in arch.uncast or "norm" in t.module.lower():
                 continue
-            if t.group == "embeddings" and t.module in ("embed_tokens", "wte", "word_embeddings") \
-                    and not spec.tie_word_embeddings:
+            if t.group == "embeddings" and t.module == arch.token_embedding and not spec.tie_word_embeddings:
                 continue  # untied: the lm_head has its own weight
             total += round_block(t.numel * cb)
         spec.memo[key] = total
@@ -114,8 +103,7 @@ def trainable_tensors(cfg: Config, spec: ModelSpec) -> list[tuple[int, int]]:
         out = []
         for t in spec.tensors:
             if t.module in targets and t.layer is not None and len(t.shape) == 2:
-                fan_out, fan_in = t.shape if spec.model_type != "gpt2" else t.shape[::-1]
-                out += [(cfg.lora_rank * fan_in, ADAPTER_BYTES), (fan_out * cfg.lora_rank, ADAPTER_BYTES)]
+                out += [(cfg.lora_rank * t.fan_in, ADAPTER_BYTES), (t.fan_out * cfg.lora_rank, ADAPTER_BYTES)]
         if not out:
             linear = sorted({t.module for t in spec.tensors if t.layer is not None and len(t.shape) == 2})
             raise MemplanError(f"LoRA targets {', '.join(sorted(targets))} match no module of {spec.name}; "
@@ -162,51 +150,22 @@ def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
     return masked + 4 + (s.cb if s.cb != 4 else 0)
 
 
-def layer_transient_per_token(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
-    """Largest set of temporaries inside one layer's forward, besides scores (no grad)."""
-    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    cb = s.cb
-    attn = (q + 2 * kv + q) * cb + h * s.r  # q, k, v, output, and the normed input
-    mlp = (3 if spec.gated_mlp else 2) * f * cb + h * s.r
-    return max(attn, mlp)
+def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:
+    """Bytes per token one layer's LoRA paths save: lora_A's input and lora_B's r-wide input.
 
-
-def loss_bytes(spec: ModelSpec, s: Shapes) -> tuple[int, int]:
-    """(upcast, loss) bytes per logit: the logits' fp32 copy, and the log_softmax output's dtype.
-
-    Causal LMs (transformers' ForCausalLMLoss) upcast the logits with `.float()`: fp32 loss.
-    RoBERTa's masked-LM head calls CrossEntropyLoss on the logits as they are (fp32 under autocast,
-    which casts them for log_softmax).
+    peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
+    for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
+    lora_A saves its own 16-bit cast.
     """
-    if spec.is_causal:
-        return (4 if s.cb != 4 else 0), 4
-    return (4 if s.amp else 0), (4 if s.amp or s.cb == 4 else s.cb)
-
-
-def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
-    """(kept, transient) bytes of logits and loss at the end of the forward pass.
-
-    transformers 5: logits (cb), their upcast and the log_softmax output, all alive while the loss
-    is computed. 4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb,
-    fp32 under autocast, whose input cast is transient).
-    """
-    tv = s.tokens * spec.vocab_size
-    if cfg.hf_version is HfVersion.V4_28:
-        lsm = 4 if s.amp else s.cb
-        kept = tv * (2 * s.cb + lsm)
-        return kept, tv * (4 if s.amp else 0)
-    up, loss = loss_bytes(spec, s)
-    return tv * (s.cb + up + loss), 0
-
-
-def logits_backward(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
-    """Bytes of the loss's backward at its peak: log_softmax output, nll gradient, log_softmax gradient.
-
-    The logits themselves died with the model output; all three are in the loss dtype.
-    """
-    tv = s.tokens * spec.vocab_size
-    per = (4 if s.amp else s.cb) if cfg.hf_version is HfVersion.V4_28 else loss_bytes(spec, s)[1]
-    return tv * 3 * per
+    h = spec.hidden_size
+    if s.amp:
+        x_saved = targets * h * s.cb
+    elif s.wb == 4:
+        x_saved = h * 4  # the projection input itself, shared by the targets
+    else:
+        x_saved = targets * h * ADAPTER_BYTES
+    middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
+    return x_saved + middle
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
@@ -216,7 +175,7 @@ def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     probabilities); tangent: logits' tangent (cb), its upcast, and the log_softmax output's tangent.
     """
     tv = s.tokens * spec.vocab_size
-    up, loss = loss_bytes(spec, s)
+    up, loss = s.arch.loss(s)
     return tv * (s.cb + up + 2 * loss), tv * (s.cb + up + loss)
 
 
@@ -257,12 +216,14 @@ def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(activations, logits) bytes at the peak of a no-grad forward pass."""
     e = scores(cfg, spec, s)
     cache = 0
-    if cfg.use_cache or cfg.hf_version is HfVersion.V4_28 or cfg.scheme is Scheme.PREFIX:
+    if cfg.use_cache or s.arch.kv_cache_by_default or cfg.scheme is Scheme.PREFIX:
         # A KV cache keeps every layer's keys and values to the end of the forward: asked for, as
         # transformers 4.28 did by default, or as peft's prefix tuning does (prefix + sequence).
         cache = spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * s.cb
-    layer = s.tokens * layer_transient_per_token(cfg, spec, s) + e * scores_transient_per_element(cfg, s)
-    kept, transient = logits_forward(cfg, spec, s)
+    # The largest layer's transient (a no-grad forward runs one layer at a time).
+    live = max(s.arch.live(kind, s) for kind in set(s.arch.layers(spec)))
+    layer = s.tokens * live + e * scores_transient_per_element(cfg, s)
+    kept, transient = s.arch.logits_forward(s)
     if layer >= kept + transient:
         return layer + cache, 0
     return cache, kept + transient
@@ -339,18 +300,27 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     trains_weights = cfg.scheme is Scheme.FT
     e = scores(cfg, spec, s)
     L = spec.num_layers
-    per_token, per_score = LAYERS[spec.model_type](cfg, spec, s.cb, s.r, s.amp, Trains.of(cfg))
+    lora = 0
     if cfg.scheme is Scheme.LORA:
-        per_token += lora_saved_per_token(cfg, spec, s.cb, s.wb, s.amp, targets=train.count // 2 // L)
-    per_layer = s.tokens * per_token + e * per_score
+        lora = lora_saved_per_token(cfg, spec, s, targets=train.count // 2 // L)
+
+    def kept(kind) -> int:
+        per_token, per_score = s.arch.saved(kind, s)
+        return s.tokens * (per_token + lora) + e * per_score
+
+    # Every layer's saved tensors live until its backward: the sum over the layers, by kind.
+    counts = Counter(s.arch.layers(spec))
+    per_kind = {kind: kept(kind) for kind in counts}
+    all_layers = sum(n * per_kind[kind] for kind, n in counts.items())
     # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
-    # at a time in backward; without it every layer's saved tensors live until its backward.
+    # at a time in backward.
     checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
-    saved = checkpoints if cfg.grad_checkpointing else L * per_layer
+    saved = checkpoints if cfg.grad_checkpointing else all_layers
+    per_layer = max(per_kind.values())  # the largest layer, recomputed under checkpointing
     # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
     # cast cache for trainable weights, saved casts for frozen ones.
     cast_cache = cast_cache_bytes(spec, s.cb) if s.amp else 0
-    kept_logits, transient_logits = logits_forward(cfg, spec, s)
+    kept_logits, transient_logits = s.arch.logits_forward(s)
     grads = train.bytes
     ws_f = workspace_bytes(fam, backward=False)
     ws = workspace_bytes(fam, backward=True)
@@ -360,7 +330,7 @@ def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
     embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if tied else 0
     forward = _with(base, weights=cast_cache, activations=saved, logits=kept_logits + transient_logits,
                     workspace=ws_f)
-    back_start = _with(base, weights=cast_cache, activations=saved, logits=logits_backward(cfg, spec, s),
+    back_start = _with(base, weights=cast_cache, activations=saved, logits=s.arch.logits_backward(s),
                        workspace=ws)
     back_end = _with(base, gradients=grads + embed, workspace=ws)
     candidates = [back_start, back_end]

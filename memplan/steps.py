@@ -48,6 +48,7 @@ import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from memplan import arch
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Attention, Config, Method, Perturbation, Scheme
@@ -131,19 +132,25 @@ def hf_config(config: Config):
     return cfg
 
 
+# Encoders the trace tier runs without a registered family (memplan.arch) train as masked LMs too.
+_UNREGISTERED_ENCODERS = ("bert", "xlm-roberta", "deberta", "deberta-v2", "electra")
+
+
 def is_masked_lm(cfg) -> bool:
     """Encoders (roberta, bert) train as masked LMs; everything else as a causal LM."""
-    return cfg.model_type in ("roberta", "bert", "xlm-roberta", "deberta", "deberta-v2", "electra")
+    family = arch.find(cfg.model_type)
+    if family is not None:
+        return family.objective == "masked"
+    return cfg.model_type in _UNREGISTERED_ENCODERS
 
 
 def lora_targets(config: Config, cfg) -> list[str]:
     """Config's LoRA targets; empty means the architecture's default (peft's own mapping)."""
     if config.lora_targets:
         return list(config.lora_targets)
-    from memplan.spec import LORA_TARGETS
-
-    if cfg.model_type in LORA_TARGETS:
-        return list(LORA_TARGETS[cfg.model_type])
+    family = arch.find(cfg.model_type)
+    if family is not None:
+        return list(family.lora_targets)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
 
     if cfg.model_type in peft_map:
