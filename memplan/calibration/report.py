@@ -18,6 +18,7 @@ from memplan.errors import MemplanError
 from memplan.result import GIB, MIB
 from memplan.options import Config
 from memplan.overhead import add_overheads
+from memplan.methods import METHODS
 from memplan.spec import spec_from_config
 
 TIERS = ("analytic", "corrected", "trace")
@@ -91,8 +92,7 @@ def rows(recs: list[dict], fitted: dict) -> list[Row]:
     traces = {r["config_key"]: r for r in recs if r.get("tier") == "trace" and r.get("config_key")}
     measured = [r for r in recs if r.get("tier", "measured") == "measured" and r.get("config")]
     out = [row_of(r, fitted, traces) for r in measured]
-    order = {m: i for i, m in enumerate(("fo-sgd", "fo-adam", "forward-grad", "zo-sgd", "zo-sgd-mmt", "zo-sgd-cons",
-                                         "zo-sgd-sign", "zo-adam"))}
+    order = {m: i for i, m in enumerate(METHODS)}
     out.sort(key=lambda r: (r.meter, r.model, order.get(r.config.method.value, 99), r.config.scheme.value,
                             r.config.dtype.value, r.config.attention.value, r.config.batch, r.config.seq, r.key))
     return out
