@@ -49,7 +49,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     source: str = ""
     config: dict = field(default_factory=dict, repr=False, compare=False)
-    memo: dict = field(default_factory=dict, repr=False, compare=False)  # per-spec cache of derived sums
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # analytic.per_spec's cache
 
     # ---- tensors --------------------------------------------------------------------------
 
@@ -71,23 +71,6 @@ class ModelSpec:
     @cached_property
     def param_count(self) -> int:
         return sum(t.numel for t in self.tensors)
-
-    def group_counts(self) -> dict[str, int]:
-        """Parameters per group (embeddings, attention, mlp, norms, lm_head)."""
-        out: dict[str, int] = {}
-        for t in self.tensors:
-            out[t.group] = out.get(t.group, 0) + t.numel
-        return out
-
-    @cached_property
-    def largest_numel(self) -> int:
-        """Elements of the largest single parameter (bounds per-tensor ZO temporaries)."""
-        return max(t.numel for t in self.tensors)
-
-    @cached_property
-    def layer_numel(self) -> int:
-        """Elements of one decoder/encoder layer's parameters."""
-        return sum(t.numel for t in self.tensors if t.layer == 0)
 
     @property
     def kv_dim(self) -> int:
