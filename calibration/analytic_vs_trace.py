@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from memplan.methods import METHODS  # noqa: E402
 from memplan.result import Category  # noqa: E402
 
 RECORDS = ROOT / "calibration" / "analytic-vs-trace.jsonl"  # not under data/, which holds measurements
@@ -37,7 +38,7 @@ LLAMA_GQA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "nu
 GRID = [
     # OPT-125m: every method, full fine-tuning, three precisions, both kernels.
     *[("opt-125m", m, "ft", d, a, 4, 128)
-      for m in ("fo-sgd", "fo-adam", "forward-grad", "zo-sgd", "zo-sgd-mmt", "zo-sgd-cons", "zo-sgd-sign", "zo-adam")
+      for m in METHODS
       for d, a in (("fp32", "eager"), ("fp16", "sdpa"), ("amp-bf16", "eager"))],
     *[("opt-125m", m, s, "fp16", a, 8, 256) for m in ("fo-adam", "zo-sgd") for s in ("lora", "prefix", "prompt")
       for a in ("eager", "sdpa")],

@@ -11,73 +11,78 @@ element of weights / compute, r bytes of the residual stream (fp32 under autocas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from memplan.activations import ADAPTER_BYTES, LAYERS, Trains, lora_saved_per_token
+from memplan import methods
+from memplan.arch import Ctx
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, HfVersion, Method, Perturbation, Scheme
+from memplan.options import Attention, Config, Scheme
 from memplan.overhead import round_block, workspace_bytes
 from memplan.spec import ModelSpec
 
 C = Category
+ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True)
+Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 
-@dataclass(frozen=True, slots=True)
-class Shapes:
-    """Sizes one configuration needs, computed once."""
-
-    tokens: int  # T = batch * seq_in (prompt tokens included)
-    seq_q: int  # query length
-    seq_k: int  # key length (prefix tokens included)
-    wb: int
-    cb: int
-    r: int  # residual-stream bytes
-    amp: bool
-
-
-def shapes(cfg: Config, spec: ModelSpec) -> Shapes:
+def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
     seq_k = seq_in + (cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else 0)
     amp = cfg.dtype.is_amp
-    return Shapes(
-        tokens=cfg.batch * seq_in, seq_q=seq_in, seq_k=seq_k, wb=cfg.dtype.weight_bytes,
-        cb=cfg.dtype.compute_bytes, r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
+    return Ctx(
+        cfg=cfg, spec=spec, arch=spec.arch.at(cfg.hf_version), tokens=cfg.batch * seq_in, seq_q=seq_in,
+        seq_k=seq_k, wb=cfg.dtype.weight_bytes, cb=cfg.dtype.compute_bytes,
+        r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
     )
 
 
 # ---- parameters -----------------------------------------------------------------------------
 
 
+def per_spec(fn):
+    """Cache `fn(spec, *args)` on the spec, keyed by the function and its arguments.
+
+    Sweeps estimate thousands of configurations of one model; the sums over its tensors depend on
+    the spec and on the arguments alone, which the function's signature spells out. A cached
+    function must read nothing else (no Config: pass the fields it needs).
+    """
+
+    @functools.wraps(fn)
+    def cached(spec: ModelSpec, *args):
+        key = (fn.__name__, *args)
+        try:
+            return spec.memo[key]
+        except KeyError:
+            value = spec.memo[key] = fn(spec, *args)
+            return value
+
+    return cached
+
+
+@per_spec
 def weight_bytes(spec: ModelSpec, wb: int) -> int:
     """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
-    key = ("weights", wb)
-    if key not in spec.memo:
-        params = sum(round_block(t.numel * wb) for t in spec.tensors)
-        spec.memo[key] = params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
-    return spec.memo[key]
+    params = sum(round_block(t.numel * wb) for t in spec.tensors)
+    return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
 
 
-_NOT_CAST = ("embed_positions", "wpe", "position_embeddings", "token_type_embeddings", "rotary_emb")
-
-
+@per_spec
 def cast_cache_bytes(spec: ModelSpec, cb: int) -> int:
     """16-bit copies autocast makes of the weights that feed matmuls (linear layers and the lm_head).
 
     Embedding lookups and norms run on the fp32 weights; a tied token embedding is cast for the lm_head.
     """
-    key = ("cast", cb)
-    if key not in spec.memo:
-        total = 0
-        for t in spec.tensors:
-            if t.group == "norms" or t.module in _NOT_CAST or "norm" in t.module.lower():
-                continue
-            if t.group == "embeddings" and t.module in ("embed_tokens", "wte", "word_embeddings") \
-                    and not spec.tie_word_embeddings:
-                continue  # untied: the lm_head has its own weight
-            total += round_block(t.numel * cb)
-        spec.memo[key] = total
-    return spec.memo[key]
+    total = 0
+    arch = spec.arch
+    for t in spec.tensors:
+        if t.group == "norms" or t.module in arch.uncast or "norm" in t.module.lower():
+            continue
+        if t.group == "embeddings" and t.module == arch.token_embedding and not spec.tie_word_embeddings:
+            continue  # untied: the lm_head has its own weight
+        total += round_block(t.numel * cb)
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,40 +96,52 @@ class Trainable:
 
 
 def trainable(cfg: Config, spec: ModelSpec) -> Trainable:
-    key = ("trainable", cfg.scheme, cfg.dtype.weight_bytes, cfg.lora_rank, tuple(cfg.lora_targets),
-           cfg.prefix_tokens, cfg.prompt_tokens)
-    if key not in spec.memo:
-        ts = trainable_tensors(cfg, spec)
-        spec.memo[key] = Trainable(params=sum(n for n, _ in ts), bytes=params_bytes(ts),
-                                   largest_bytes=largest_bytes(ts), count=len(ts))
-    return spec.memo[key]
+    """What trains under `cfg`'s scheme; only the fields that scheme reads reach the cache key."""
+    if cfg.scheme is Scheme.FT:
+        return _trainable(spec, Scheme.FT, cfg.dtype.weight_bytes)
+    if cfg.scheme is Scheme.LORA:
+        return _trainable(spec, Scheme.LORA, cfg.lora_rank, lora_targets(cfg, spec))
+    if cfg.scheme is Scheme.PREFIX:
+        return _trainable(spec, Scheme.PREFIX, cfg.prefix_tokens)
+    return _trainable(spec, Scheme.PROMPT, cfg.prompt_tokens)
+
+
+@per_spec
+def _trainable(spec: ModelSpec, scheme: Scheme, *args) -> Trainable:
+    ts = trainable_tensors(spec, scheme, *args)
+    return Trainable(params=sum(n for n, _ in ts), bytes=params_bytes(ts), largest_bytes=largest_bytes(ts),
+                     count=len(ts))
 
 
 def lora_targets(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
     return tuple(cfg.lora_targets) or spec.default_lora_targets
 
 
-def trainable_tensors(cfg: Config, spec: ModelSpec) -> list[tuple[int, int]]:
-    """(numel, bytes per element) of every trainable tensor."""
-    if cfg.scheme is Scheme.FT:
-        return [(t.numel, cfg.dtype.weight_bytes) for t in spec.tensors]
-    if cfg.scheme is Scheme.LORA:
+def trainable_tensors(spec: ModelSpec, scheme: Scheme, *args) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of every trainable tensor.
+
+    args: ft (weight bytes), lora (rank, targets), prefix (tokens), prompt (tokens).
+    """
+    if scheme is Scheme.FT:
+        (wb,) = args
+        return [(t.numel, wb) for t in spec.tensors]
+    if scheme is Scheme.LORA:
         # lora_A: r x in, lora_B: out x r, for every targeted weight matrix.
-        targets = set(lora_targets(cfg, spec))
+        rank, targets = args
         out = []
         for t in spec.tensors:
             if t.module in targets and t.layer is not None and len(t.shape) == 2:
-                fan_out, fan_in = t.shape if spec.model_type != "gpt2" else t.shape[::-1]
-                out += [(cfg.lora_rank * fan_in, ADAPTER_BYTES), (fan_out * cfg.lora_rank, ADAPTER_BYTES)]
+                out += [(rank * t.fan_in, ADAPTER_BYTES), (t.fan_out * rank, ADAPTER_BYTES)]
         if not out:
             linear = sorted({t.module for t in spec.tensors if t.layer is not None and len(t.shape) == 2})
             raise MemplanError(f"LoRA targets {', '.join(sorted(targets))} match no module of {spec.name}; "
                                f"its layers' linear modules: {', '.join(linear)}")
         return out
-    if cfg.scheme is Scheme.PREFIX:
+    (tokens,) = args
+    if scheme is Scheme.PREFIX:
         # peft prefix encoder: Embedding(tokens, L * 2 * kv_dim), no reparameterisation.
-        return [(cfg.prefix_tokens * spec.num_layers * 2 * spec.kv_dim, ADAPTER_BYTES)]
-    return [(cfg.prompt_tokens * spec.word_embed_proj_dim, ADAPTER_BYTES)]  # prompt: Embedding(tokens, h)
+        return [(tokens * spec.num_layers * 2 * spec.kv_dim, ADAPTER_BYTES)]
+    return [(tokens * spec.word_embed_proj_dim, ADAPTER_BYTES)]  # prompt: Embedding(tokens, token dim)
 
 
 def params_bytes(tensors: list[tuple[int, int]]) -> int:
@@ -138,13 +155,7 @@ def largest_bytes(tensors: list[tuple[int, int]]) -> int:
 
 def state_copies(cfg: Config) -> int:
     """Trainable-sized buffers an optimizer keeps between steps (momentum 1, Adam 2, ZO q>1 +1)."""
-    m = cfg.method
-    copies = {Method.FO_ADAM: 2, Method.ZO_ADAM: 2, Method.ZO_SGD_MMT: 1}.get(m, 0)
-    if m is Method.FO_SGD and cfg.momentum > 0:
-        copies = 1
-    if m.is_zo and cfg.zo_queries > 1:
-        copies += 1  # gradient accumulator over q queries
-    return copies
+    return methods.get(cfg.method).state_copies(cfg)
 
 
 # ---- activations ----------------------------------------------------------------------------
@@ -162,51 +173,22 @@ def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
     return masked + 4 + (s.cb if s.cb != 4 else 0)
 
 
-def layer_transient_per_token(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
-    """Largest set of temporaries inside one layer's forward, besides scores (no grad)."""
-    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    cb = s.cb
-    attn = (q + 2 * kv + q) * cb + h * s.r  # q, k, v, output, and the normed input
-    mlp = (3 if spec.gated_mlp else 2) * f * cb + h * s.r
-    return max(attn, mlp)
+def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:
+    """Bytes per token one layer's LoRA paths save: lora_A's input and lora_B's r-wide input.
 
-
-def loss_bytes(spec: ModelSpec, s: Shapes) -> tuple[int, int]:
-    """(upcast, loss) bytes per logit: the logits' fp32 copy, and the log_softmax output's dtype.
-
-    Causal LMs (transformers' ForCausalLMLoss) upcast the logits with `.float()`: fp32 loss.
-    RoBERTa's masked-LM head calls CrossEntropyLoss on the logits as they are (fp32 under autocast,
-    which casts them for log_softmax).
+    peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
+    for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
+    lora_A saves its own 16-bit cast.
     """
-    if spec.is_causal:
-        return (4 if s.cb != 4 else 0), 4
-    return (4 if s.amp else 0), (4 if s.amp or s.cb == 4 else s.cb)
-
-
-def logits_forward(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
-    """(kept, transient) bytes of logits and loss at the end of the forward pass.
-
-    transformers 5: logits (cb), their upcast and the log_softmax output, all alive while the loss
-    is computed. 4.28 OPT: logits (cb), shift_logits contiguous copy (cb), log_softmax output (cb,
-    fp32 under autocast, whose input cast is transient).
-    """
-    tv = s.tokens * spec.vocab_size
-    if cfg.hf_version is HfVersion.V4_28:
-        lsm = 4 if s.amp else s.cb
-        kept = tv * (2 * s.cb + lsm)
-        return kept, tv * (4 if s.amp else 0)
-    up, loss = loss_bytes(spec, s)
-    return tv * (s.cb + up + loss), 0
-
-
-def logits_backward(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
-    """Bytes of the loss's backward at its peak: log_softmax output, nll gradient, log_softmax gradient.
-
-    The logits themselves died with the model output; all three are in the loss dtype.
-    """
-    tv = s.tokens * spec.vocab_size
-    per = (4 if s.amp else s.cb) if cfg.hf_version is HfVersion.V4_28 else loss_bytes(spec, s)[1]
-    return tv * 3 * per
+    h = spec.hidden_size
+    if s.amp:
+        x_saved = targets * h * s.cb
+    elif s.wb == 4:
+        x_saved = h * 4  # the projection input itself, shared by the targets
+    else:
+        x_saved = targets * h * ADAPTER_BYTES
+    middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
+    return x_saved + middle
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
@@ -216,11 +198,24 @@ def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     probabilities); tangent: logits' tangent (cb), its upcast, and the log_softmax output's tangent.
     """
     tv = s.tokens * spec.vocab_size
-    up, loss = loss_bytes(spec, s)
+    up, loss = s.arch.loss(s)
     return tv * (s.cb + up + 2 * loss), tv * (s.cb + up + loss)
 
 
 # ---- phases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What a method's phase builder reads: the request, the model, its sizes, the bytes every phase
+    holds (`base`: weights and optimizer state), what trains, and the GPU family (workspaces)."""
+
+    cfg: Config
+    spec: ModelSpec
+    s: Ctx
+    base: dict[Category, int]
+    train: Trainable
+    fam: object  # memplan.hardware.Family
 
 
 def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Category, int]]:
@@ -233,18 +228,13 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
         weights += train_bytes  # adapters live beside the frozen model
     state = state_copies(cfg) * train_bytes
     base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
-    m = cfg.method
-    if m.is_fo:
-        return _fo_phases(cfg, spec, s, base, train, gpu_family)
-    if m is Method.FORWARD_GRAD:
-        return _fg_phases(cfg, spec, s, base, train, gpu_family)
-    return _zo_phases(cfg, spec, s, base, train, gpu_family)
+    return methods.get(cfg.method).phases(Inputs(cfg, spec, s, base, train, gpu_family))
 
 
 _BY_NAME = {c.value: c for c in Category}
 
 
-def _with(base: dict, **extra: int) -> dict[Category, int]:
+def with_bytes(base: dict, **extra: int) -> dict[Category, int]:
     """`base` plus bytes in the categories named by keyword."""
     out = dict(base)
     for k, v in extra.items():
@@ -253,131 +243,42 @@ def _with(base: dict, **extra: int) -> dict[Category, int]:
     return out
 
 
-def _inference_peak(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
-    """(activations, logits) bytes at the peak of a no-grad forward pass."""
-    e = scores(cfg, spec, s)
-    cache = 0
-    if cfg.use_cache or cfg.hf_version is HfVersion.V4_28 or cfg.scheme is Scheme.PREFIX:
-        # A KV cache keeps every layer's keys and values to the end of the forward: asked for, as
-        # transformers 4.28 did by default, or as peft's prefix tuning does (prefix + sequence).
-        cache = spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * s.cb
-    layer = s.tokens * layer_transient_per_token(cfg, spec, s) + e * scores_transient_per_element(cfg, s)
-    kept, transient = logits_forward(cfg, spec, s)
-    if layer >= kept + transient:
-        return layer + cache, 0
-    return cache, kept + transient
+def kv_cache_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """A KV cache keeps every layer's keys and values to the end of a forward: when asked for, as
+    transformers 4.28 did by default, or as peft's prefix tuning does (prefix + sequence)."""
+    if cfg.use_cache or s.arch.kv_cache_by_default or cfg.scheme is Scheme.PREFIX:
+        return spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * s.cb
+    return 0
+
+
+def layer_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """Bytes at the peak of one layer's no-grad forward (the largest layer), plus any KV cache."""
+    live = max(s.arch.live(kind, s) for kind in set(s.arch.layers(spec)))
+    return s.tokens * live + scores(cfg, spec, s) * scores_transient_per_element(cfg, s) \
+        + kv_cache_bytes(cfg, spec, s)
+
+
+def inference_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> tuple[int, int]:
+    """(activations, logits) bytes at the peak of a no-grad forward pass: inside the largest layer,
+    or at the loss with the logits (the KV cache alive at both)."""
+    cache = kv_cache_bytes(cfg, spec, s)
+    kept, transient = s.arch.logits_forward(s)
+    top = methods.peak_of([{C.ACTIVATIONS: layer_peak(cfg, spec, s)},
+                           {C.ACTIVATIONS: cache, C.LOGITS: kept + transient}])
+    return top[C.ACTIVATIONS], top.get(C.LOGITS, 0)
 
 
 def adjacent_pair_bytes(cfg: Config, spec: ModelSpec) -> int:
     """Largest sum of two consecutive trainable tensors: a loop's new z is made before the old one dies."""
     if cfg.scheme is not Scheme.FT:
         return 2 * trainable(cfg, spec).largest_bytes
-    key = ("pair", cfg.dtype.weight_bytes)
-    if key not in spec.memo:
-        sizes = [round_block(t.numel * cfg.dtype.weight_bytes) for t in spec.tensors]
-        spec.memo[key] = max(a + b for a, b in zip(sizes, sizes[1:])) if len(sizes) > 1 else sizes[0]
-    return spec.memo[key]
+    return _adjacent_pair(spec, cfg.dtype.weight_bytes)
 
 
-def zo_update_bytes(cfg: Config, spec: ModelSpec, largest: int) -> tuple[int, int]:
-    """(z, gradient) bytes alive at the peak of a ZO update.
-
-    ZO-Bench's update, per tensor: regenerate z, `p.grad = g * z / q` (z, g*z and the quotient: 3
-    copies of the largest tensor), `optimizer.step()` (in place for SGD and momentum; Adam's
-    sqrt(exp_avg_sq) temporary comes after g*z is freed, so still 3), `p.grad = None`.
-    zo-sgd in place: `p.add_(z, alpha=-lr * g)`, z alone (and the previous tensor's z while drawing).
-    q > 1: the accumulator holds the gradient; the final step is one foreach SGD / Adam over all.
-    """
-    if cfg.zo_queries > 1:
-        return largest, 0
-    if cfg.method is Method.ZO_SGD and cfg.perturbation is Perturbation.INPLACE:
-        return adjacent_pair_bytes(cfg, spec), 0
-    return largest, 2 * largest
-
-
-def _zo_phases(cfg, spec, s, base, train: Trainable, fam):
-    largest = train.largest_bytes
-    # MeZO: param.data = param.data + scale * z * eps holds z, scale*z and (scale*z)*eps, then z,
-    # the product and the new tensor: 3 of the largest tensor. In place: z, and the previous
-    # tensor's z until the new one replaces it.
-    if cfg.perturbation is Perturbation.MEZO:
-        perturb = 3 * largest
-    else:
-        perturb = adjacent_pair_bytes(cfg, spec)
-    act, logits = _inference_peak(cfg, spec, s)
-    ws = workspace_bytes(fam, backward=False)
-    z, grad = zo_update_bytes(cfg, spec, largest)
-    # autocast caches 16-bit copies of trainable leaf weights even under no_grad, for the whole forward.
-    cache = cast_cache_bytes(spec, s.cb) if s.amp and cfg.scheme is Scheme.FT else 0
-    return {
-        Phase.LOAD: dict(base),
-        Phase.PERTURB: _with(base, perturbation=perturb),
-        Phase.FORWARD: _with(base, weights=cache, activations=act, logits=logits, workspace=ws),
-        Phase.OPTIMIZER_STEP: _with(base, perturbation=z, gradients=grad, workspace=ws),
-    }
-
-
-def _fg_phases(cfg, spec, s, base, train: Trainable, fam):
-    # Tangents: randn_like for every trainable tensor, held for the whole step. The dual forward
-    # carries a tangent beside every live activation: twice the inference transient.
-    act, _ = _inference_peak(cfg, spec, s)
-    primal, tangent = fg_logits(cfg, spec, s)
-    ws = workspace_bytes(fam, backward=False)
-    if act >= primal + tangent:
-        fwd = _with(base, tangents=train.bytes + act, activations=act, workspace=ws)
-    else:
-        fwd = _with(base, tangents=train.bytes + tangent, logits=primal, workspace=ws)
-    return {
-        Phase.LOAD: dict(base),
-        Phase.FORWARD: fwd,
-        # p.sub_(lr * (v * jvp)): two temporaries of the largest tensor.
-        Phase.OPTIMIZER_STEP: _with(base, tangents=train.bytes, perturbation=2 * train.largest_bytes),
-    }
-
-
-def _fo_phases(cfg, spec, s, base, train: Trainable, fam):
-    trains_weights = cfg.scheme is Scheme.FT
-    e = scores(cfg, spec, s)
-    L = spec.num_layers
-    per_token, per_score = LAYERS[spec.model_type](cfg, spec, s.cb, s.r, s.amp, Trains.of(cfg))
-    if cfg.scheme is Scheme.LORA:
-        per_token += lora_saved_per_token(cfg, spec, s.cb, s.wb, s.amp, targets=train.count // 2 // L)
-    per_layer = s.tokens * per_token + e * per_score
-    # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
-    # at a time in backward; without it every layer's saved tensors live until its backward.
-    checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
-    saved = checkpoints if cfg.grad_checkpointing else L * per_layer
-    # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
-    # cast cache for trainable weights, saved casts for frozen ones.
-    cast_cache = cast_cache_bytes(spec, s.cb) if s.amp else 0
-    kept_logits, transient_logits = logits_forward(cfg, spec, s)
-    grads = train.bytes
-    ws_f = workspace_bytes(fam, backward=False)
-    ws = workspace_bytes(fam, backward=True)
-    # A tied embedding gets two gradients (lm_head's, the embedding's dense one) summed in place at
-    # the end of backward: one extra vocab x hidden tensor then.
-    tied = trains_weights and spec.tie_word_embeddings
-    embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if tied else 0
-    forward = _with(base, weights=cast_cache, activations=saved, logits=kept_logits + transient_logits,
-                    workspace=ws_f)
-    back_start = _with(base, weights=cast_cache, activations=saved, logits=logits_backward(cfg, spec, s),
-                       workspace=ws)
-    back_end = _with(base, gradients=grads + embed, workspace=ws)
-    candidates = [back_start, back_end]
-    if cfg.grad_checkpointing:  # the last layer recomputed, with nearly every gradient made
-        candidates.append(_with(base, weights=cast_cache, activations=checkpoints + per_layer, gradients=grads,
-                                workspace=ws))
-    backward = max(candidates, key=lambda d: sum(d.values()))
-    step_tmp = 0
-    if cfg.method is Method.FO_ADAM:
-        # foreach Adam: sqrt(exp_avg_sq) for all params at once (~1x params); for-loop: one tensor.
-        step_tmp = train.bytes if cfg.foreach else train.largest_bytes
-    return {
-        Phase.LOAD: _with(base, gradients=grads),  # zero_grad(set_to_none) runs at the next step's start
-        Phase.FORWARD: forward,
-        Phase.BACKWARD: backward,
-        Phase.OPTIMIZER_STEP: _with(base, gradients=grads, optimizer_state=step_tmp, workspace=ws),
-    }
+@per_spec
+def _adjacent_pair(spec: ModelSpec, wb: int) -> int:
+    sizes = [round_block(t.numel * wb) for t in spec.tensors]
+    return max(a + b for a, b in zip(sizes, sizes[1:])) if len(sizes) > 1 else sizes[0]
 
 
 _TENSOR_CATEGORIES = tuple(c for c in Category if c not in (C.CONTEXT, C.ALLOCATOR))
@@ -386,8 +287,8 @@ _TENSOR_CATEGORIES = tuple(c for c in Category if c not in (C.CONTEXT, C.ALLOCAT
 def peak(cfg: Config, spec: ModelSpec, gpu_family) -> tuple[Phase, dict[Category, int], dict[Phase, int]]:
     """(peak phase, categories at the peak, allocated bytes of every phase)."""
     per_phase = phases(cfg, spec, gpu_family)
-    totals = {p: sum(c.values()) for p, c in per_phase.items()}
-    top = max(totals, key=totals.__getitem__)
-    at_top = per_phase[top]
+    totals = {p: methods.total(c) for p, c in per_phase.items()}
+    at_top = methods.peak_of(per_phase.values())
+    top = next(p for p, c in per_phase.items() if c is at_top)
     comps = {c: at_top.get(c, 0) for c in _TENSOR_CATEGORIES}
     return top, comps, totals

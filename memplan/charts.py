@@ -20,13 +20,22 @@ from memplan.options import Config, Method
 
 FITS, TIGHT, NO_FIT = "fits", "tight", "no fit"
 STATUS_COLOURS = {FITS: "#5cb85c", TIGHT: "#f0ad4e", NO_FIT: "#d9534f"}
-METHOD_COLOURS = dict(zip((m.value for m in Method), (
-    "#1f77b4", "#d62728", "#9467bd", "#2ca02c", "#17becf", "#bcbd22", "#8c564b", "#ff7f0e")))
+# Palettes are cycled over the enums, so a method or category added later gets a colour too.
+_METHOD_PALETTE = ("#1f77b4", "#d62728", "#9467bd", "#2ca02c", "#17becf", "#bcbd22", "#8c564b", "#ff7f0e")
 # Markers and dashes tell apart lines that coincide (zo-sgd, zo-sgd-cons and zo-sgd-sign often do).
-METHOD_STYLES = dict(zip((m.value for m in Method), (
-    ("o", "-"), ("s", "-"), ("^", "-"), ("D", "--"), ("v", "-."), ("P", ":"), ("X", (0, (5, 1))), ("*", "-"))))
-CATEGORY_COLOURS = dict(zip((c.value for c in Category), (
-    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")))
+_METHOD_MARKS = (("o", "-"), ("s", "-"), ("^", "-"), ("D", "--"), ("v", "-."), ("P", ":"), ("X", (0, (5, 1))),
+                 ("*", "-"))
+_CATEGORY_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+                     "#9c755f", "#bab0ac")
+
+
+def _cycled(names, palette) -> dict:
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+METHOD_COLOURS = _cycled((m.value for m in Method), _METHOD_PALETTE)
+METHOD_STYLES = _cycled((m.value for m in Method), _METHOD_MARKS)
+CATEGORY_COLOURS = _cycled((c.value for c in Category), _CATEGORY_PALETTE)
 DPI = 100
 
 

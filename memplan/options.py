@@ -47,12 +47,19 @@ class Method(_Choice):
     ZO_ADAM = "zo-adam", "ZO-Adam: keeps exp_avg and exp_avg_sq"
 
     @property
+    def family(self) -> str:
+        """fo | zo | fg, from the method's registered spec (memplan.methods)."""
+        from memplan.methods import get
+
+        return get(self).family.value
+
+    @property
     def is_zo(self) -> bool:
-        return self.value.startswith("zo-")
+        return self.family == "zo"
 
     @property
     def is_fo(self) -> bool:
-        return self.value.startswith("fo-")
+        return self.family == "fo"
 
 
 class Scheme(_Choice):

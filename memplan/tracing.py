@@ -41,7 +41,6 @@ class Traced:
     trainable_params: int
     total_params: int
     warnings: list[str]
-    ops: int
 
 
 def fake_model(config: Config, fake_mode, device: str = "cpu"):
@@ -101,17 +100,17 @@ def masks_as_on_gpu():
         masking_utils.find_packed_sequence_indices = packed
 
 
-def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
+def trace_step(config: Config, *, real: bool = False,
                on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
 
     real=True runs the same step on real CPU tensors (random weights), for fake-against-real checks.
-    cuda=True keeps what CUDA would do where the CPU differs (host-side step counters).
+    Fake tensors keep what CUDA would do where the CPU differs (host-side step counters).
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memplan.steps import build_model, make_batch, make_step, trainable
+    from memplan.steps import Step, build_model, make_batch, trainable
     from memplan.tracker import LiveBytes
 
     if config.method is Method.FORWARD_GRAD and config.scheme is not Scheme.FT and not real:
@@ -126,7 +125,7 @@ def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
         model = fake_model(config, mode)
     base = getattr(model, "config", None) or model.base_model.config
     rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=cuda and not real,
+    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real,
                         logits_numels=(config.batch * rows * base.vocab_size,
                                        config.batch * (rows - 1) * base.vocab_size))
     seen: dict[int, object] = {}
@@ -147,7 +146,7 @@ def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
         tracker.phase = phase
     try:
         with mode, masks_as_on_gpu():
-            step = make_step(config, model, hooks=tracker, seed=seed)
+            step = Step(config, model, hooks=tracker, seed=seed)
             with tracker:
                 batch = make_batch(config, model, seed=seed)
                 step(batch)
@@ -157,13 +156,13 @@ def trace_step(config: Config, *, real: bool = False, cuda: bool = True,
     except MemplanError:
         raise
     except Exception as e:  # an op the tracer (fake tensors) cannot follow
-        from memplan.steps import _one_line
+        from memplan.errors import one_line
 
         raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
-                           f"{type(e).__name__}: {_one_line(e)}") from None
+                           f"{type(e).__name__}: {one_line(e)}") from None
     warnings = list(step.warnings)
     warnings += _attention_warnings(config, base)
-    return Traced(tracker.peak(start), n_train, total, warnings, tracker.ops)
+    return Traced(tracker.peak(start), n_train, total, warnings)
 
 
 def _attention_warnings(config: Config, cfg) -> list[str]:

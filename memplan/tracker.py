@@ -80,14 +80,12 @@ class LiveBytes(Hooks, TorchDispatchMode):
         self.events: list[tuple] = []
         self.current = Phase.LOAD
         self._regions: list[Category] = []
-        self.ops = 0
 
     # ---- the dispatch mode ----
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.ops += 1
         inputs = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):

@@ -165,3 +165,33 @@ def test_python_api_top_level():
 
     est = memplan.estimate("opt-13b", "zo-sgd", batch=16, seq=512, gpu="a100-80gb")
     assert isinstance(est, memplan.Estimate) and est.fits and est.max_batch >= 16
+
+
+# ---- forward gradient (D3) ------------------------------------------------------------------------
+
+def test_forward_grad_forward_takes_the_larger_moment():
+    # opt-1.3b forward-grad prompt fp16 eager, batch 32: the dual forward holds a tangent beside every
+    # live activation, so its forward phase holds at least the weights plus twice one layer's peak.
+    # The old comparison (act against logits, not 2 x act) reported 113.3 GiB at seq 3072 and 150 GiB
+    # at seq 4096, below what the activations and their tangents alone take.
+    from memplan.spec import resolve
+
+    spec = resolve("opt-1.3b")
+    for seq, at_least_gib in ((3072, 154), (4096, 268)):  # 154.2 and 268.7 GiB now
+        cfg = Config(model="opt-1.3b", method="forward-grad", scheme="prompt", dtype="fp16", attention="eager",
+                     batch=32, seq=seq)
+        act = analytic.layer_peak(cfg, spec, analytic.shapes(cfg, spec))
+        weights = analytic.phases(cfg, spec, FAM)[Phase.LOAD][Category.WEIGHTS]
+        _, _, totals = analytic.peak(cfg, spec, FAM)
+        assert totals[Phase.FORWARD] >= weights + 2 * act
+        assert totals[Phase.FORWARD] >= at_least_gib * 2**30
+
+
+@pytest.mark.parametrize("scheme", ["ft", "lora", "prefix", "prompt"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_forward_grad_peak_is_monotone_in_batch_and_seq(scheme, attention):
+    kw = dict(model="opt-13b", method="forward-grad", scheme=scheme, dtype="fp16", attention=attention)
+    by_seq = [_peak(batch=2, seq=s, **kw) for s in range(4, 600, 7)]
+    assert by_seq == sorted(by_seq)
+    by_batch = [_peak(batch=b, seq=256, **kw) for b in range(1, 40)]
+    assert by_batch == sorted(by_batch)

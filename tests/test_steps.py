@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from memplan.options import Config, Method
-from memplan.steps import build_model, make_batch, make_step
+from memplan.methods import zo
+from memplan.steps import Step, build_model, make_batch
 from tiny import TINY_LLAMA, TINY_OPT, write
 
 
@@ -26,10 +27,10 @@ def test_perturbation_restores_weights_within_fp32_rounding(opt, mode):
     torch.manual_seed(0)
     c = _cfg(opt, perturbation=mode)
     model = build_model(c)
-    step = make_step(c, model, eps=1e-3)
+    step = Step(c, model, eps=1e-3)
     before = {n: p.detach().clone() for n, p in step.params}
     for scale in (1.0, -2.0, 1.0):
-        step._perturb(seed=123, scale=scale)
+        zo.perturb(step, seed=123, scale=scale)
     torch.manual_seed(123)
     u = 2.0 ** -24  # fp32 unit roundoff (round to nearest)
     for n, p in step.params:
@@ -59,10 +60,10 @@ def test_zo_projected_gradient_is_the_directional_derivative(tmp_path):
     loss = model(**batch, use_cache=False).loss
     params = [p for _, p in model.named_parameters()]
     grad = torch.autograd.grad(loss, params)
-    step = make_step(c, model, eps=1e-6)
+    step = Step(c, model, eps=1e-6)
     n, proj, dirs = 60, [], []
     for seed in range(n):
-        _, g = step._projected_grad(batch, seed)
+        _, g = zo.projected_grad(step, batch, seed)
         torch.manual_seed(seed)
         zs = [torch.normal(0, 1, size=p.shape, dtype=p.dtype) for p in params]
         d = sum((gi * z).sum() for gi, z in zip(grad, zs)).item()
@@ -88,12 +89,12 @@ def test_forward_grad_jvp_equals_autograd_directional_derivative(opt):
     params = [p for _, p in model.named_parameters()]
     loss = model(**batch, use_cache=False).loss
     grad = torch.autograd.grad(loss, params)
-    step = make_step(c, model, lr=0.0, seed=7)
-    step(batch)
-    torch.manual_seed(step.last["seed"])
+    step = Step(c, model, lr=0.0, seed=7)
+    info = step.run(batch)
+    torch.manual_seed(info.seeds[0])
     vs = [torch.randn_like(p) for p in params]
     d = sum((g * v).sum() for g, v in zip(grad, vs)).item()
-    assert step.last["jvp"].item() == pytest.approx(d, rel=1e-9)
+    assert info.jvp.item() == pytest.approx(d, rel=1e-9)
 
 
 @pytest.mark.parametrize("method", list(Method))
@@ -107,7 +108,7 @@ def test_every_method_lowers_the_loss_on_a_memorisable_batch(tmp_path, method):
     # Learning rates from a sweep over 40 steps (ZO steps move by lr * g * z, |z| ~ sqrt(5e4)).
     lr = {"fo-sgd": 0.5, "fo-adam": 1e-2, "forward-grad": 3e-3, "zo-sgd": 1e-3, "zo-sgd-mmt": 3e-4,
           "zo-sgd-cons": 3e-3, "zo-sgd-sign": 3e-3, "zo-adam": 3e-3}[method.value]
-    step = make_step(c, model, lr=lr, eps=1e-3, seed=1)
+    step = Step(c, model, lr=lr, eps=1e-3, seed=1)
     start = model(**batch, use_cache=False).loss.item()
     for _ in range(40 if zo or method is Method.FORWARD_GRAD else 10):
         step(batch)
@@ -124,7 +125,7 @@ def test_frozen_weights_stay_untouched(tmp_path, scheme, method):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and trained
-    step = make_step(c, model, lr=1e-2)
+    step = Step(c, model, lr=1e-2)
     batch = make_batch(c, model)
     step(batch)
     step(batch)
@@ -137,9 +138,22 @@ def test_frozen_weights_stay_untouched(tmp_path, scheme, method):
 def test_q_queries_keep_an_accumulator_and_cons_takes_one(opt):
     c = _cfg(opt, method="zo-sgd", zo_queries=3)
     model = build_model(c)
-    step = make_step(c, model)
-    step(make_batch(c, model))
-    assert len(step.last["projected_grads"]) == 3
+    step = Step(c, model)
+    info = step.run(make_batch(c, model))
+    assert len(info.projected_grads) == 3 and len(info.seeds) == 3
     assert all(p.grad is None for _, p in step.params)  # freed after the update
     with pytest.raises(Exception, match="one query"):
-        make_step(_cfg(opt, method="zo-sgd-cons", zo_queries=2), model)
+        Step(_cfg(opt, method="zo-sgd-cons", zo_queries=2), model)
+
+
+@pytest.mark.parametrize("method", ["zo-sgd", "fo-adam"])
+def test_prompt_tuning_where_token_embeddings_are_narrower_than_the_layers(tmp_path, method):
+    # OPT-350m's shape: tokens embed in word_embed_proj_dim (here 32) and project in to hidden (64);
+    # peft's virtual tokens must be as wide as the token embeddings, not hidden_size.
+    torch.manual_seed(0)
+    c = _cfg(write(tmp_path, {**TINY_OPT, "word_embed_proj_dim": 32}), method=method, scheme="prompt")
+    model = build_model(c)
+    step = Step(c, model)
+    loss = step(make_batch(c, model))
+    assert torch.isfinite(loss)
+    assert sum(p.numel() for _, p in step.params) == 10 * 32  # prompt_tokens x token width

@@ -53,7 +53,7 @@ def _run_one(config: Config, model_config: dict, device: torch.device, meter: Me
         cfg = config.replace(model=str(path))
         model = steps.build_model(cfg, device)
     batch = steps.make_batch(cfg, model, device, seed=seed)
-    run = steps.make_step(cfg, model, on_phase=meter.on_phase, seed=seed)
+    run = steps.Step(cfg, model, on_phase=meter.on_phase, seed=seed)
     params, notes = [p for _, p in run.params], run.warnings
     _sync(device)
     load_bytes = meter.allocated_bytes()

@@ -1,0 +1,147 @@
+"""The model factory shared by the tracer and the calibration runner: config, model, PEFT wrapper, batch.
+
+Architectures outside memplan's registry (memplan.arch) still build and trace, as long as
+transformers and peft know them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memplan import arch
+from memplan.errors import MemplanError, one_line
+from memplan.options import Config, Scheme
+
+
+def model_config_dict(model: str) -> tuple[str, dict]:
+    """(name, transformers config fields) of a catalog model, alias or config.json path.
+
+    Architectures outside memplan's analytic catalog still trace, as long as transformers builds them.
+    """
+    from memplan.spec import resolve
+
+    try:
+        spec = resolve(model)
+        return spec.name, dict(spec.config)
+    except MemplanError:
+        path = Path(model).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file() or path.suffix != ".json":
+            raise
+        import json
+
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MemplanError(f"{model}: cannot read a JSON config ({e})") from None
+        if not isinstance(cfg, dict) or not cfg.get("model_type"):
+            raise MemplanError(f"{model}: config has no 'model_type'") from None
+        return str(model), cfg
+
+
+def hf_config(config: Config):
+    """The transformers config object, or a MemplanError naming what transformers refused."""
+    from transformers import AutoConfig
+
+    _, fields = model_config_dict(config.model)
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    model_type = fields.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError...
+        raise MemplanError(f"{config.model}: transformers cannot build a {model_type!r} config: "
+                           f"{one_line(e)}") from None
+    return cfg
+
+
+# Encoders the trace tier runs without a registered family (memplan.arch) train as masked LMs too.
+_UNREGISTERED_ENCODERS = ("bert", "xlm-roberta", "deberta", "deberta-v2", "electra")
+
+
+def is_masked_lm(cfg) -> bool:
+    """Encoders (roberta, bert) train as masked LMs; everything else as a causal LM."""
+    family = arch.find(cfg.model_type)
+    if family is not None:
+        return family.objective == "masked"
+    return cfg.model_type in _UNREGISTERED_ENCODERS
+
+
+def lora_targets(config: Config, cfg) -> list[str]:
+    """Config's LoRA targets; empty means the architecture's default (peft's own mapping)."""
+    if config.lora_targets:
+        return list(config.lora_targets)
+    family = arch.find(cfg.model_type)
+    if family is not None:
+        return list(family.lora_targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+    if cfg.model_type in peft_map:
+        return list(peft_map[cfg.model_type])
+    raise MemplanError(f"no default LoRA targets for model_type {cfg.model_type!r}; name them in lora_targets")
+
+
+def build_model(config: Config, device="cpu"):
+    """The model with random weights on `device` ('meta' builds no storage), PEFT-wrapped, in train mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cfg = hf_config(config)
+    auto = AutoModelForMaskedLM if is_masked_lm(cfg) else AutoModelForCausalLM
+    dtype = getattr(torch, config.dtype.torch_name)
+    try:
+        with torch.device(device):
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=config.attention.value)
+    except MemplanError:
+        raise
+    except Exception as e:
+        raise MemplanError(f"{config.model}: transformers cannot build the model: {one_line(e)}") from None
+    if config.grad_checkpointing and config.method.is_fo:
+        # Non-reentrant: works with PEFT (no input needing grad) and saves only layer inputs.
+        kwargs = {"use_reentrant": False}
+        if torch.device(device).type not in ("cpu", "meta") and not torch.cuda.is_available():
+            kwargs["preserve_rng_state"] = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if config.scheme is not Scheme.FT:
+        model = _peft(config, cfg, model)
+    model.train()
+    return model
+
+
+def _peft(config: Config, cfg, model):
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    task = TaskType.CAUSAL_LM if not is_masked_lm(cfg) else TaskType.FEATURE_EXTRACTION
+    if config.scheme is Scheme.LORA:
+        pc = LoraConfig(task_type=task, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                        target_modules=lora_targets(config, cfg), lora_dropout=0.0)
+    elif config.scheme is Scheme.PREFIX:
+        pc = PrefixTuningConfig(task_type=task, num_virtual_tokens=config.prefix_tokens)
+    else:
+        # The virtual tokens sit beside the token embeddings, whose width peft would otherwise take
+        # from hidden_size (OPT-350m embeds in 512 dimensions and projects in to 1024).
+        pc = PromptTuningConfig(task_type=task, num_virtual_tokens=config.prompt_tokens,
+                                token_dim=model.get_input_embeddings().embedding_dim)
+    try:
+        return get_peft_model(model, pc)
+    except Exception as e:
+        raise MemplanError(f"{config.model}: peft cannot apply {config.scheme.value}: {one_line(e)}") from None
+
+
+def make_batch(config: Config, model, device="cpu", *, seed: int = 0) -> dict:
+    """Random token ids (batch x seq) in the vocabulary; labels = input_ids."""
+    import torch
+
+    vocab = _base_config(model).vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (config.batch, config.seq), generator=gen)
+    ids = ids.to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _base_config(model):
+    return getattr(model, "config", None) or model.base_model.config
+
+
+def trainable(model) -> list[tuple[str, object]]:
+    """(name, parameter) of every trainable parameter, tied ones once."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,93 @@
+"""Forward gradient: one dual (forward-mode AD) pass along random tangents, then p -= lr * jvp * v.
+
+FORWARD holds tangents v = randn_like(p) for every trainable p (|x|) and runs one dual forward
+(`torch.autograd.forward_ad`) over `functional_call`: primal and tangent activations live only as
+long as the forward needs them (nothing is saved for a backward). OPTIMIZER_STEP:
+`p.sub_(lr * (v * jvp))` (two |p| temporaries per tensor), then v is freed. On sdpa models the
+forward runs SDPA's math backend, since the fused kernels have no forward-AD rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from memplan import analytic as a
+from memplan.methods import Family, MethodSpec, peak_of, register
+from memplan.options import Attention, Config, Method
+from memplan.overhead import workspace_bytes
+from memplan.result import Category, Phase
+
+
+def phases(p: a.Inputs) -> dict[Phase, dict[Category, int]]:
+    cfg, spec, s, base, train = p.cfg, p.spec, p.s, p.base, p.train
+    # The dual forward carries a tangent beside every live activation: twice one layer's no-grad
+    # transient (plus any KV cache); or, at the end, the logits and loss with their tangents.
+    act = a.layer_peak(cfg, spec, s)
+    primal, tangent = a.fg_logits(cfg, spec, s)
+    ws = workspace_bytes(p.fam, backward=False)
+    w = a.with_bytes
+    forward = peak_of([
+        w(base, tangents=train.bytes + act, activations=act, workspace=ws),
+        w(base, tangents=train.bytes + tangent, logits=primal, workspace=ws),
+    ])
+    return {
+        Phase.LOAD: dict(base),
+        Phase.FORWARD: forward,
+        # p.sub_(lr * (v * jvp)): two temporaries of the largest tensor.
+        Phase.OPTIMIZER_STEP: w(base, tangents=train.bytes, perturbation=2 * train.largest_bytes),
+    }
+
+
+def run(step, batch):
+    """One dual forward along random tangents, then p -= lr * jvp * v (ZO-Bench).
+
+    Dual tensors (`torch.autograd.forward_ad`) rather than `torch.func.jvp`: the same forward-mode
+    AD, but the tensors stay plain tensors, so transformers' checks that skip data-dependent
+    branches on fake tensors still see fake tensors.
+    """
+    import torch
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call
+
+    from memplan.steps import StepInfo
+
+    h = step.hooks
+    kwargs = step.kwargs(batch)
+    h.phase(Phase.FORWARD)
+    seed = step.rng.randrange(10**9)
+    torch.manual_seed(seed)
+    with h.region(Category.TANGENTS):
+        vs = [torch.randn_like(p) for _, p in step.params]
+    with fwad.dual_level(), step.autocast(), _math_sdpa(step.config):
+        duals = {n: fwad.make_dual(p.detach(), v) for (n, p), v in zip(step.params, vs)}
+        out = fwad.unpack_dual(functional_call(step.model, duals, (), kwargs).loss)
+        del duals
+        loss, dloss = out.primal.detach(), out.tangent.detach()
+        del out
+    h.phase(Phase.OPTIMIZER_STEP)
+    with torch.no_grad():
+        for v, (_, p) in zip(vs, step.params):
+            p.sub_(step.lr * (v * dloss))
+    del vs
+    return StepInfo(loss, seeds=[seed], jvp=dloss)
+
+
+def _math_sdpa(config: Config):
+    if config.attention is not Attention.SDPA:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _warnings(cfg: Config) -> list[str]:
+    if cfg.attention is Attention.SDPA:
+        return ["forward-grad: fused SDPA kernels have no forward-AD rule; "
+                "the dual forward runs SDPA's math backend (seq^2 scores)"]
+    return []
+
+
+register(MethodSpec(
+    name=Method.FORWARD_GRAD.value, doc=Method.FORWARD_GRAD.__doc__, family=Family.FG, forwards=1,
+    state_copies=lambda cfg: 0, phases=phases, run=run, one_query=True, warnings=_warnings,
+))
