@@ -23,6 +23,7 @@ from memplan.build import (  # noqa: F401  (the model factory, re-exported for o
     _base_config, build_model, hf_config, is_masked_lm, lora_targets, make_batch, model_config_dict,
     trainable,
 )
+from memplan import _compat
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Config
@@ -156,6 +157,4 @@ def scalar(t) -> float:
 
 def is_fake(t) -> bool:
     """True for a FakeTensor (the tracer's): it has a shape and a device but no values."""
-    from torch._subclasses.fake_tensor import is_fake as _is_fake
-
-    return _is_fake(t)
+    return _compat.is_fake(t)

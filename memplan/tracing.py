@@ -71,35 +71,6 @@ def fake_model(config: Config, fake_mode, device: str = "cpu"):
     return model
 
 
-@contextlib.contextmanager
-def masks_as_on_gpu():
-    """Let transformers drop the causal mask for SDPA as it does with real tensors.
-
-    transformers cannot read a fake tensor's values, so it keeps a full batch x seq x seq mask (and
-    then repeats GQA keys and values) where, with real tensors and no padding, it passes
-    `is_causal=True` and no mask. memplan's batches are neither padded nor packed: decide as
-    transformers does for real tensors.
-    """
-    from transformers import masking_utils
-
-    original = masking_utils._ignore_causal_mask_sdpa
-    packed = masking_utils.find_packed_sequence_indices
-
-    def decide(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
-        window = local_attention_size is None or kv_length < local_attention_size
-        if window and (q_length == 1 or kv_length == q_length):
-            return True  # no padding in the batch: what fast_all(padding_mask) finds on real tensors
-        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
-
-    masking_utils._ignore_causal_mask_sdpa = decide
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row
-    try:
-        yield
-    finally:
-        masking_utils._ignore_causal_mask_sdpa = original
-        masking_utils.find_packed_sequence_indices = packed
-
-
 def trace_step(config: Config, *, real: bool = False,
                on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
@@ -108,8 +79,8 @@ def trace_step(config: Config, *, real: bool = False,
     Fake tensors keep what CUDA would do where the CPU differs (host-side step counters).
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from memplan._compat import fake_tensor_mode, sdpa_masks_as_for_real_tensors
     from memplan.steps import Step, build_model, make_batch, trainable
     from memplan.tracker import LiveBytes
 
@@ -121,7 +92,7 @@ def trace_step(config: Config, *, real: bool = False,
         torch.manual_seed(seed)
         model, mode = build_model(config, "cpu"), contextlib.nullcontext()
     else:
-        mode = FakeTensorMode()
+        mode = fake_tensor_mode()()
         model = fake_model(config, mode)
     base = getattr(model, "config", None) or model.base_model.config
     rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
@@ -145,7 +116,7 @@ def trace_step(config: Config, *, real: bool = False,
 
         tracker.phase = phase
     try:
-        with mode, masks_as_on_gpu():
+        with mode, sdpa_masks_as_for_real_tensors():
             step = Step(config, model, hooks=tracker, seed=seed)
             with tracker:
                 batch = make_batch(config, model, seed=seed)

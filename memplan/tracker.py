@@ -32,9 +32,8 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from memplan._compat import dispatch_mode_base, storage_key, tree_leaves
 from memplan.result import Category, Phase
 from memplan.overhead import round_block
 from memplan.steps import Hooks
@@ -69,7 +68,7 @@ class Peak:
     op: str = ""  # the op whose output set the peak
 
 
-class LiveBytes(Hooks, TorchDispatchMode):
+class LiveBytes(Hooks, dispatch_mode_base()):
     """A dispatch mode that counts every live storage; also the `Hooks` a step reports to."""
 
     def __init__(self, *, logits_numels: tuple[int, ...] = (), vocab_size: int = 0, cuda_host: bool = False):
@@ -91,22 +90,22 @@ class LiveBytes(Hooks, TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 continue
             st = t.untyped_storage()
-            key = st._cdata
+            key = storage_key(st)
             if key in self.live:
                 continue
             if inputs is None:
-                inputs = {a.untyped_storage()._cdata: a for a in tree_leaves((args, kwargs))
+                inputs = {storage_key(a.untyped_storage()): a for a in tree_leaves((args, kwargs))
                           if isinstance(a, torch.Tensor)}
             if key in inputs:
                 continue  # a view or in-place result of a storage made before tracking
             rec = self._new(st, key, self._category(func, t, inputs), func.__name__)
             if func is torch.ops.aten.add.Tensor and self.current is Phase.BACKWARD:
                 first = args[0] if isinstance(args[0], torch.Tensor) else None
-                old = self.live.get(first.untyped_storage()._cdata) if first is not None else None
+                old = self.live.get(storage_key(first.untyped_storage())) if first is not None else None
                 if old is not None and old.nbytes == rec.nbytes:
                     rec.sum_of = old
         if func in _BERNOULLI:  # dropout noise: a bool mask on CUDA
-            rec = self.live.get(args[0].untyped_storage()._cdata)
+            rec = self.live.get(storage_key(args[0].untyped_storage()))
             if rec is not None:
                 self._resize(rec, round_block(args[0].numel()))
         return out
@@ -157,7 +156,7 @@ class LiveBytes(Hooks, TorchDispatchMode):
     def _recs(self, tensors):
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                rec = self.live.get(t.untyped_storage()._cdata)
+                rec = self.live.get(storage_key(t.untyped_storage()))
                 if rec is not None:
                     yield rec
 
@@ -180,8 +179,8 @@ class LiveBytes(Hooks, TorchDispatchMode):
         """Count storages made before tracking began (the model's weights)."""
         for t in tensors:
             st = t.untyped_storage()
-            if st._cdata not in self.live:
-                self._new(st, st._cdata, category, "adopt")
+            if storage_key(st) not in self.live:
+                self._new(st, storage_key(st), category, "adopt")
 
     def mark(self) -> int:
         """An index into the events: `peak(start=mark())` looks only at what follows."""
