@@ -43,6 +43,9 @@ GRID = [
     *[("opt-125m", m, s, "fp16", a, 8, 256) for m in ("fo-adam", "zo-sgd") for s in ("lora", "prefix", "prompt")
       for a in ("eager", "sdpa")],
     ("opt-125m", "fo-sgd", "ft", "fp16", "eager", 16, 512),
+    # Prefix tuning under autocast: the fp32 prefix makes the whole KV cache fp32 (torch.cat promotes).
+    *[("opt-125m", m, "prefix", "amp-bf16", a, b, s)
+      for m, a, b, s in (("zo-sgd", "sdpa", 8, 512), ("zo-adam", "eager", 4, 128), ("fo-adam", "sdpa", 4, 128))],
     ("opt-125m", "fo-adam", "ft", "amp-fp16", "sdpa", 2, 1024),
     # Llama-style (GQA, gated MLP, RMSNorm, untied head).
     *[("llama-gqa", m, "ft", d, a, 4, 256)

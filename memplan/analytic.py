@@ -247,8 +247,18 @@ def kv_cache_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
     """A KV cache keeps every layer's keys and values to the end of a forward: when asked for, as
     transformers 4.28 did by default, or as peft's prefix tuning does (prefix + sequence)."""
     if cfg.use_cache or s.arch.kv_cache_by_default or cfg.scheme is Scheme.PREFIX:
-        return spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * s.cb
+        return spec.num_layers * cfg.batch * s.seq_k * 2 * spec.kv_dim * kv_cache_element_bytes(cfg, s)
     return 0
+
+
+def kv_cache_element_bytes(cfg: Config, s: Ctx) -> int:
+    """Bytes per cached key / value element.
+
+    Prefix tuning under autocast: peft hands the fp32 prefix (adapters stay fp32) to the model as
+    its past keys and values, and the cache appends each layer's 16-bit keys with `torch.cat`, which
+    autocast promotes to the widest input: the whole cache, prefix and sequence, is fp32.
+    """
+    return 4 if s.amp and cfg.scheme is Scheme.PREFIX else s.cb
 
 
 def layer_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> int:

@@ -195,3 +195,16 @@ def test_forward_grad_peak_is_monotone_in_batch_and_seq(scheme, attention):
     assert by_seq == sorted(by_seq)
     by_batch = [_peak(batch=b, seq=256, **kw) for b in range(1, 40)]
     assert by_batch == sorted(by_batch)
+
+
+def test_prefix_kv_cache_is_fp32_under_autocast():
+    # The fp32 prefix (peft keeps adapters in fp32) is the cache's first entry; torch.cat under autocast
+    # promotes the 16-bit keys it appends, so every cached element is 4 bytes, not the compute dtype's 2.
+    # TINY at batch 2 x seq 8, 5 prefix tokens: 2 layers x 2 x 13 keys x 2 (k and v) x 64 wide.
+    elements = 2 * 2 * (8 + 5) * 2 * 64
+    for dtype, per_element in (("amp-bf16", 4), ("amp-fp16", 4), ("bf16", 2), ("fp32", 4)):
+        cfg = Config(model="tiny-opt", method="zo-sgd", scheme="prefix", dtype=dtype, batch=2, seq=8)
+        assert analytic.kv_cache_bytes(cfg, TINY, analytic.shapes(cfg, TINY)) == elements * per_element
+    # Without prefix tuning the cache starts empty and holds the compute dtype.
+    cfg = Config(model="tiny-opt", method="zo-sgd", dtype="amp-bf16", batch=2, seq=8, use_cache=True)
+    assert analytic.kv_cache_bytes(cfg, TINY, analytic.shapes(cfg, TINY)) == 2 * 2 * 8 * 2 * 64 * 2
