@@ -6,7 +6,6 @@ transformers and peft know them.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from memplan import arch
 from memplan.errors import MemplanError, one_line
@@ -24,16 +23,13 @@ def model_config_dict(model: str) -> tuple[str, dict]:
         spec = resolve(model)
         return spec.name, dict(spec.config)
     except MemplanError:
-        path = Path(model).expanduser()
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file() or path.suffix != ".json":
-            raise
-        import json
+        from memplan.configs import check_config, config_path, read_config
 
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MemplanError(f"{model}: cannot read a JSON config ({e})") from None
+        path = config_path(model)
+        if path is None or path.suffix != ".json":
+            raise
+        cfg = read_config(path)
+        check_config(cfg, str(path))
         if not isinstance(cfg, dict) or not cfg.get("model_type"):
             raise MemplanError(f"{model}: config has no 'model_type'") from None
         return str(model), cfg

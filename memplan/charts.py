@@ -154,11 +154,21 @@ def breakdown(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, 
 
 def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, over: str, values: list[int],
           margin: str | int = "5%", **options) -> SweepChart:
-    """Peak device bytes against sequence length (or batch), one line per method."""
+    """Peak device bytes against sequence length (or batch), one line per method.
+
+    `values`: 1 to 256 integers, each from 1 to 2^30 (1073741824), far past any real batch or context.
+    """
     if over not in ("seq", "batch"):
         raise MemplanError(f"--over: sweep over seq or batch, got {over!r}")
-    if not values or any(v < 1 for v in values):
-        raise MemplanError(f"--values: positive integers, got {values}")
+    most, largest = 256, 1 << 30
+    shown = ",".join(str(v) if isinstance(v, int) and abs(v) < 10**30 else "..." for v in values[:8])
+    shown += ",..." if len(values) > 8 else ""
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise MemplanError(f"--values: positive integers, got {shown or 'none'}")
+    if any(v > largest for v in values):
+        raise MemplanError(f"--values: each at most {largest} (2^30), got {shown}")
+    if len(set(values)) > most:
+        raise MemplanError(f"--values: at most {most} values, got {len(set(values))}")
     g, cap = _capacity(gpu, margin)
     values = sorted(set(values))
     columns = [_peaks(model, methods, g, {**options, over: v}) for v in values]

@@ -14,6 +14,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from memplan import arch as archs
+from memplan import configs
 from memplan.arch._common import Tensor
 from memplan.errors import MemplanError, unknown
 
@@ -105,6 +106,7 @@ def spec_from_config(cfg: dict, name: str, *, source: str = "", where: str = "co
     """Build a spec from a transformers config dict; errors name the missing or bad field."""
     if not isinstance(cfg, dict):
         raise MemplanError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    configs.check_config(cfg, where)
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_TYPES:
         raise MemplanError(
@@ -161,12 +163,7 @@ def _from_hf_cache(model_id: str) -> Path | None:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MemplanError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except OSError as e:
-        raise MemplanError(f"{path}: cannot read ({e.strerror})") from None
+    return configs.read_config(path)
 
 
 _RESOLVED: dict[str, ModelSpec] = {}
@@ -182,15 +179,11 @@ def resolve(model: str) -> ModelSpec:
             spec = spec_from_config(e["config"], e["id"], source=e.get("source", ""), where=e["id"])
             _RESOLVED[model] = spec
             return spec
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise MemplanError(f"{model}: folder holds no config.json")
-        path = path / "config.json"
-    if path.is_file():
+    path = configs.config_path(model)  # None: no such local path
+    if path is not None:
         cfg = _read_config(path)
         return spec_from_config(cfg, str(model), source=str(path), where=str(path))
-    if path.suffix == ".json" or os.sep in model and not model.count("/") == 1:
+    if Path(model).suffix == ".json" or os.sep in model and not model.count("/") == 1:
         raise MemplanError(f"{model}: no such file")
     cached = _from_hf_cache(model)
     if cached is not None:
