@@ -146,6 +146,20 @@ class Plan(BaseModel):
             seen[name] = i
         return self
 
+    @model_validator(mode="after")
+    def _margin_leaves_room(self):
+        # A margin that keeps a whole GPU free is a mistake in the plan, not a misfit of its runs.
+        from memplan.hardware import get_gpu
+
+        margin = Margin.parse(self.margin)
+        for name in self.gpus:
+            gpu = get_gpu(name)
+            try:
+                margin.check_against(gpu.total_bytes, gpu.name)
+            except MemplanError as e:
+                raise ValueError(f"margin: {e}") from None
+        return self
+
     def run_names(self) -> list[str]:
         return [run.name or f"runs[{i}]" for i, run in enumerate(self.runs)]
 
