@@ -45,7 +45,7 @@ class Tier(_Choice):
 class GpuRef(BaseModel):
     """The GPU a verdict is judged against."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str
     total_bytes: int
@@ -56,7 +56,7 @@ class GpuRef(BaseModel):
 class Estimate(BaseModel):
     """Peak memory of one configuration, by category, with its phase and verdict."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     model: str = Field(description="Resolved model id.")
     method: Method

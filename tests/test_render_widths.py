@@ -124,3 +124,23 @@ def test_calibration_note_goes_to_stderr(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert "overheads corrected by calibration: h100 grid" in err and "a note" in err
     assert "calibration" not in out and "note" not in out and "zo-sgd" in out
+
+
+def test_table_width_arithmetic_is_what_rich_measures():
+    # print_fitting chooses a layout from widths it adds up itself (rendering each cell twice is most
+    # of `fit`'s run time); the sum must be exactly rich's own measure of the same tables.
+    from rich.console import Console
+
+    from memplan import hardware
+    from memplan.api import estimate_config
+    from memplan.cli.render import VERDICT_COLUMNS, add_columns, compact_table, estimates_table, table_width
+    from memplan.options import Config, Method
+
+    gpu = hardware.get_gpu("a100-80gb")
+    estimates = [estimate_config(Config(model="opt-13b", method=m, batch=16), gpu) for m in Method]
+    out = Console(width=80)
+    names = compact_table()
+    add_columns(names, ("plan", "run", "peak"), [("a.yaml", "a [dim]run[/dim]", "1.00"), ("b", "b", "120.00")],
+                left=("plan", "run"))
+    for table in (estimates_table(estimates), estimates_table(estimates, VERDICT_COLUMNS), names):
+        assert table_width(out, table) == out.measure(table, options=out.options.update_width(1 << 16)).maximum
