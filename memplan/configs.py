@@ -167,6 +167,22 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
+def _reads(key) -> bool:
+    """Whether memplan reads `key` (a field this module checks)."""
+    return isinstance(key, str) and (key in INT_FIELDS or key in BOOL_FIELDS or key in STR_FIELDS or _is_dropout(key))
+
+
+def without_nulls(cfg: dict) -> dict:
+    """`cfg` without the `null`s of the fields memplan reads: null means absent, so the default applies.
+
+    transformers does the same for the shape fields (head_dim, num_key_value_heads, n_inner,
+    word_embed_proj_dim); other nulls (sliding_window, rope_scaling) keep their meaning and stay.
+    """
+    if not any(v is None and _reads(k) for k, v in cfg.items()):
+        return cfg
+    return {k: v for k, v in cfg.items() if v is not None or not _reads(k)}
+
+
 def check_config(cfg: dict, where: str) -> None:
     """Check every field memplan reads that `cfg` holds: types, ranges, and shapes that can exist.
 

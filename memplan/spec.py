@@ -107,6 +107,7 @@ def spec_from_config(cfg: dict, name: str, *, source: str = "", where: str = "co
     if not isinstance(cfg, dict):
         raise MemplanError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     configs.check_config(cfg, where)
+    cfg = configs.without_nulls(cfg)
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_TYPES:
         raise MemplanError(

@@ -192,6 +192,20 @@ def test_null_optional_fields_mean_absent_and_extra_fields_are_fine():
     nulls = spec_from_config({**LLAMA, "head_dim": None, "word_embed_proj_dim": None, "tie_word_embeddings": None,
                               "classifier_dropout": None, "some_future_field": {"a": [1, "b"]}, "dropout": 0}, "x")
     assert nulls.param_count == plain.param_count and nulls.tensors == plain.tensors
+    # OPT ties by default and has dropout 0.1: null must mean that default, not False / a crash.
+    opt_nulls = {**OPT_125M, "tie_word_embeddings": None, "enable_bias": None, "dropout": None,
+                 "attention_dropout": None, "layer_norm_elementwise_affine": None}
+    spec, plain = spec_from_config(opt_nulls, "x"), spec_from_config(OPT_125M, "x")
+    assert spec.tensors == plain.tensors and spec.hidden_dropout == plain.hidden_dropout
+    assert resolve_peak(opt_nulls) == resolve_peak(OPT_125M)
+
+
+def resolve_peak(cfg: dict) -> int:
+    from memplan.api import estimate_config
+    from memplan.options import Config
+
+    spec = spec_from_config(cfg, "x")
+    return estimate_config(Config(model="opt-125m", method="fo-adam"), None, spec=spec).peak_device_bytes
 
 
 def test_explicit_head_dim_lets_heads_not_divide_hidden():
