@@ -18,6 +18,7 @@ from memplan.errors import MemplanError, unknown
 ALIAS_BUDGET = 100_000  # nodes that aliases may add beyond the file's own
 SHOWN_ERRORS = 3  # a file with 5,000 bad runs gets three messages and a count, not 5,000
 _MERGE = "tag:yaml.org,2002:merge"
+_MAX_DIGITS = 4300  # sys.get_int_max_str_digits() by default
 
 
 def read(text: str, name: str, *, fmt: str = "yaml") -> tuple[Any, Any]:
@@ -33,6 +34,11 @@ def read(text: str, name: str, *, fmt: str = "yaml") -> tuple[Any, Any]:
         raise MemplanError(f"{name}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise MemplanError(f"{name}: nested too deeply") from None
+    except ValueError as e:  # Python refuses to read an integer of more than 4300 digits (int_max_str_digits)
+        if "digits" not in str(e):
+            raise
+        raise MemplanError(f"{name}: holds an integer of more than {_MAX_DIGITS} digits; "
+                           "no plan or grid value is that large") from None
 
 
 def _read_yaml(text: str, name: str) -> tuple[Any, Any]:

@@ -298,3 +298,14 @@ def test_fit_suggestions_keep_their_flags():
     line = suggestions(est, spec, H100)[0]
     assert line.startswith("fo-adam would fit with: ")
     assert f"--method zo-sgd ({zo / GIB:.1f} GiB)" in line and line.endswith(f"--gpu h200 ({h200 / GIB:.1f} GiB)")
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_an_integer_too_long_to_read_is_one_line(tmp_path, suffix):
+    # Python refuses integers of more than 4300 digits; the plan reader must say so, not crash.
+    digits = "9" * 5000
+    text = (f"gpus: [h100-80gb]\nruns:\n  - model: opt-125m\n    batch: {digits}\n" if suffix == ".yaml"
+            else f'{{"gpus": ["h100-80gb"], "runs": [{{"model": "opt-125m", "batch": {digits}}}]}}')
+    path = tmp_path / f"p{suffix}"
+    path.write_text(text)
+    with pytest.raises(MemplanError, match="integer of more than 4300 digits"):
+        plan.load(path)
