@@ -107,6 +107,10 @@ def _capacity(gpu: str | hardware.Gpu, margin: str | int | Margin) -> tuple[hard
         m = Margin.parse(margin)
     except ValueError as e:
         raise MemplanError(f"--margin: {e}") from None
+    try:
+        m.check_against(g.total_bytes, g.name)
+    except MemplanError as e:
+        raise MemplanError(f"--margin: {e}") from None
     return g, Capacity(g.name, g.display, g.total_bytes, str(m), m.bytes_of(g.total_bytes))
 
 

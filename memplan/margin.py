@@ -79,9 +79,9 @@ class Margin:
         if self.percent:
             short = f"{self.percent:g}"  # 5%, 2.5%; repr when :g would round (99.99999 -> 100)
             return f"{short if float(short) == self.percent else repr(self.percent)}%"
-        if self.fixed_bytes % (1 << 20) == 0 and self.fixed_bytes:
-            unit = "GiB" if self.fixed_bytes % (1 << 30) == 0 else "MiB"
-            return f"{self.fixed_bytes // UNITS[unit.lower()]}{unit}"
+        for unit in ("TiB", "GiB", "MiB"):
+            if self.fixed_bytes and self.fixed_bytes % UNITS[unit.lower()] == 0:
+                return f"{self.fixed_bytes // UNITS[unit.lower()]}{unit}"
         return f"{self.fixed_bytes}B"
 
 

@@ -324,3 +324,11 @@ def test_sweep_library_refuses_bad_values(values):
 def test_sweep_at_the_bound_still_works():
     c = charts.sweep("opt-125m", ["zo-sgd"], "a100-80gb", over="seq", values=[1, 1 << 30])
     assert c.values == [1, 1 << 30] and all(isinstance(n, int) and n > 0 for n in c.peak_bytes["zo-sgd"])
+
+
+def test_chart_margin_larger_than_the_gpu_exits_2(run_cli, tmp_path):
+    # C8 for charts: a margin that keeps the whole GPU free is bad input, not a chart of misfits.
+    line = one_line(*run_cli("chart", "grid", "--gpu", "a100-80gb", "--models", "opt-125m", "--margin", "100TiB",
+                             "-o", str(tmp_path / "g.png")))
+    assert "--margin" in line and "a100-80gb" in line
+    assert not (tmp_path / "g.png").exists()
