@@ -75,7 +75,18 @@ def _read(path: str, _version: tuple) -> dict:
 
 
 def _load() -> dict:
-    path = active_path()
+    # Where the corrections live depends only on the environment: look once per process (a sweep
+    # estimates thousands of configurations), again after `reload()` or a change of those variables.
+    key = tuple(os.environ.get(k) for k in (ENV, "XDG_CONFIG_HOME", "HOME"))
+    if key not in _LOADED:
+        _LOADED[key] = _load_from(active_path())
+    return _LOADED[key]
+
+
+_LOADED: dict[tuple, dict] = {}
+
+
+def _load_from(path: Path | None) -> dict:
     if path is None:
         return {}
     try:
@@ -83,7 +94,7 @@ def _load() -> dict:
         version = (st.st_mtime_ns, st.st_size)
     except OSError:
         version = ()
-    return _read(str(path), version)  # read again when the file changes
+    return _read(str(path), version)
 
 
 def for_family(family: str) -> dict | None:
@@ -100,4 +111,5 @@ def apply(fam: Family, correction: dict | None) -> Family:
 
 def reload() -> None:
     """Forget the cached file (after `memplan calibrate fit` rewrote it)."""
+    _LOADED.clear()
     _read.cache_clear()
