@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.result import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Method, Scheme
+from memplan.options import Attention, Config, Scheme
 
 
 @dataclass
@@ -84,10 +84,11 @@ def trace_step(config: Config, *, real: bool = False,
     from memplan.steps import Step, build_model, make_batch, trainable
     from memplan.tracker import LiveBytes
 
-    if config.method is Method.FORWARD_GRAD and config.scheme is not Scheme.FT and not real:
-        raise MemplanError(f"cannot trace forward-grad with --scheme {config.scheme.value}: fake tensors lose "
-                           "the device of a tangent in peft's layers (a torch forward-AD limitation); "
-                           "trace --scheme ft, or measure this one on a GPU")
+    from memplan import methods
+
+    why = methods.get(config.method).untraceable(config)
+    if why and not real:
+        raise MemplanError(why)
     if real:
         torch.manual_seed(seed)
         model, mode = build_model(config, "cpu"), contextlib.nullcontext()

@@ -46,6 +46,8 @@ class MethodSpec:
     optimizer: Callable[[list, Config, float], object] | None = None  # torch optimizer over the params
     one_query: bool = False  # takes a single query per step (zo_queries must be 1)
     warnings: Callable[[Config], list[str]] = field(default=lambda cfg: [])  # what the real step changes
+    # why the trace tier (fake tensors) cannot run this configuration, or None when it can
+    untraceable: Callable[[Config], str | None] = field(default=lambda cfg: None)
 
 
 def total(moment: Moment) -> int:

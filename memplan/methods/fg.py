@@ -13,7 +13,7 @@ import contextlib
 
 from memplan import analytic as a
 from memplan.methods import Family, MethodSpec, peak_of, register
-from memplan.options import Attention, Config, Method
+from memplan.options import Attention, Config, Method, Scheme
 from memplan.overhead import workspace_bytes
 from memplan.result import Category, Phase
 
@@ -87,7 +87,16 @@ def _warnings(cfg: Config) -> list[str]:
     return []
 
 
+def _untraceable(cfg: Config) -> str | None:
+    if cfg.scheme is Scheme.FT:
+        return None
+    return (f"cannot trace forward-grad with --scheme {cfg.scheme.value}: fake tensors lose the device of a "
+            "tangent in peft's layers (a torch forward-AD limitation); trace --scheme ft, or measure this one "
+            "on a GPU")
+
+
 register(MethodSpec(
     name=Method.FORWARD_GRAD.value, doc=Method.FORWARD_GRAD.__doc__, family=Family.FG, forwards=1,
     state_copies=lambda cfg: 0, phases=phases, run=run, one_query=True, warnings=_warnings,
+    untraceable=_untraceable,
 ))
