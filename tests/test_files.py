@@ -131,7 +131,7 @@ def test_check_junit_to_stdout_and_a_process_substitution(tmp_path):
 def test_check_junit_empty_path_is_one_line(tmp_path):
     done = _memplan("check", str(ROOT / "examples/plans/h100.yaml"), "--junit", "", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert done.stderr.startswith("memplan: error: --junit") and "directory" in done.stderr
+    assert done.stderr.startswith("memplan: error: --junit") and "the path is empty" in done.stderr
 
 
 def test_units_and_one_line():

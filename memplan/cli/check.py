@@ -16,7 +16,7 @@ from memplan.cli._common import guarded
 def check(
     plans: list[Path] = typer.Argument(..., help="Plan files (YAML or JSON; `memplan schema` gives their schema)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file."),
+    junit: Optional[str] = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file."),
 ) -> None:
     """Check plan files: does every run fit every GPU, keeping the margin free?"""
     from memplan import plan, reports
@@ -24,6 +24,8 @@ def check(
     from memplan.cli.render import print_check
     from memplan.errors import MemplanError
 
+    if junit is not None and not junit.strip():
+        raise MemplanError("--junit: the path is empty; name a file, e.g. --junit memplan-report.xml")
     files = [plan.load(p) for p in plans]  # every file is valid before any is checked
     results = [r for pf in files for r in plan.check(pf)]
     misfits = [r for r in results if not r.fits]
