@@ -28,6 +28,18 @@ def _no_user_corrections(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def package_corrections(tmp_path, monkeypatch):
+    """Point the corrections memplan reads at a temporary file (the test writes it)."""
+    from memplan import corrections
+
+    path = tmp_path / "corrections.json"
+    monkeypatch.setenv(corrections.ENV, str(path))
+    corrections.reload()
+    yield path
+    corrections.reload()
+
+
+@pytest.fixture
 def run_cli():
     """Run `memplan ARGS...` in-process; returns (exit code, stdout, stderr)."""
     runner = CliRunner()

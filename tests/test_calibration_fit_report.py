@@ -47,16 +47,6 @@ def test_fit_skips_cpu_records_unless_asked():
     assert doc["families"]["cpu"]["allocator_slack"] == 0.0 and doc["families"]["cpu"]["context_bytes"] == 0
 
 
-@pytest.fixture
-def package_corrections(tmp_path, monkeypatch):
-    """Point the corrections memplan reads at a temporary file."""
-    path = tmp_path / "corrections.json"
-    monkeypatch.setenv(corrections.ENV, str(path))
-    corrections.reload()
-    yield path
-    corrections.reload()
-
-
 def test_analytic_applies_the_correction_and_fit_names_it(package_corrections):
     cfg = Config(model="opt-125m", method="fo-adam", batch=1, seq=128)  # peak at the step: workspace counts
     gpu = get_gpu("h100-80gb")

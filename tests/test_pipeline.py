@@ -20,15 +20,6 @@ H100 = hardware.get_gpu("h100-80gb")
 MIB = 1 << 20
 
 
-@pytest.fixture
-def package_corrections(tmp_path, monkeypatch):
-    path = tmp_path / "corrections.json"
-    monkeypatch.setenv(corrections.ENV, str(path))
-    corrections.reload()
-    yield path
-    corrections.reload()
-
-
 def test_registry_has_the_estimating_tiers():
     assert set(pipeline.ESTIMATORS) == {Tier.ANALYTIC, Tier.TRACE}
     assert pipeline.estimator("trace").tier is Tier.TRACE
