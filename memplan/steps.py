@@ -94,6 +94,10 @@ class Step:
         self.lr, self.eps = lr, eps
         self.params = trainable(model)
         self.rng = random.Random(seed)
+        # Tensors a method keeps from one step to the next beyond its torch optimizer's state (a
+        # Hessian estimate, low-rank factors, SVRG anchors): created by the method's first step,
+        # which tags them for the tracker.
+        self.state: dict[str, object] = {}
         self.warnings: list[str] = []
         m = self.method
         if config.zo_queries > 1 and m.one_query:
