@@ -71,9 +71,17 @@ def test_fifo_is_written_through(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
 
 
-def test_dev_null_stays_a_character_device():
-    write_atomic("/dev/null", b"nothing")
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+def test_dev_null_stays_a_character_device(tmp_path):
+    # As root a regression would replace the machine's /dev/null: root writes to a private copy.
+    device = Path("/dev/null")
+    if os.geteuid() == 0:
+        device = tmp_path / "null"
+        try:
+            os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except OSError as e:
+            pytest.skip(f"cannot make a private null device to test safely as root ({e})")
+    write_atomic(device, b"nothing")
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
 
 
 @pytest.mark.parametrize("path, match", [
@@ -119,7 +127,9 @@ def test_check_junit_through_a_symlink_keeps_it(tmp_path):
 
 def test_check_junit_to_stdout_and_a_process_substitution(tmp_path):
     plan = ROOT / "examples/plans/h100.yaml"
-    done = subprocess.run(["bash", "-c", f'"{sys.executable}" -m memplan check "{plan}" --json --junit /dev/stdout '
+    # The process's own stdout through /proc (as /dev/stdout leads): a regression that replaced the
+    # target instead of writing through it fails here without touching the machine's /dev.
+    done = subprocess.run(["bash", "-c", f'"{sys.executable}" -m memplan check "{plan}" --json --junit /proc/self/fd/1 '
                            '>/dev/null; echo "rc=$?"; '
                            f'"{sys.executable}" -m memplan check "{plan}" --json --junit >(wc -c > "{tmp_path}/n") '
                            '>/dev/null; echo "rc=$?"; wait; sleep 0.5'],
