@@ -97,11 +97,12 @@ def test_projected_gradient_is_the_directional_derivative_along_the_masked_direc
 
 def test_loss_goes_down_on_a_memorisable_batch(tmp_path):
     torch.manual_seed(0)
-    c = _cfg(write(tmp_path, TINY_OPT), batch=1, seq=6)
+    # Half of each tensor perturbed; lr from a short sweep (1e-2 diverges at a quarter; 3e-3 drops 0.3).
+    c = _cfg(write(tmp_path, TINY_OPT), batch=1, seq=6, zo_sparsity=0.5)
     model = build_model(c)
     model.eval()
     batch = make_batch(c, model)
-    step = Step(c, model, lr=1e-2, eps=1e-3, seed=1)
+    step = Step(c, model, lr=3e-3, eps=1e-3, seed=1)
     start = model(**batch, use_cache=False).loss.item()
     for _ in range(40):
         step(batch)
