@@ -142,7 +142,7 @@ class Config(BaseModel):
     grad_checkpointing: bool = Field(False, description="Recompute each layer in backward (first-order only).")
     perturbation: Perturbation = Field(Perturbation.MEZO, description="How ZO perturbs weights.")
     zo_queries: int = Field(1, ge=1, description="ZO queries q per step (q > 1 keeps a gradient accumulator).")
-    zo_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="sparse-mezo: fraction of each tensor's entries "
+    zo_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="sparse-mezo: fraction of each tensor's entries "
                                "left unperturbed (the largest by magnitude); does not change memory.")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
     foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
