@@ -19,9 +19,9 @@ bit for bit (the paper's version that moves the weights would need the mask kept
 entries near the threshold drift).
 
 The authors' code (NUS-HPC-AI-Lab/SparseMeZO) could not be read here; this follows the paper's
-Section on the memory-efficient implementation (mask computed per layer during the forward from the
-current weights, a per-layer threshold) -- the one place it differs from a guess is noted in
-docs/methods/sparse-mezo.md.
+memory-efficient implementation (each layer's mask computed during the forward from the current
+weights and freed before the next layer; a per-layer threshold). That the threshold is computed once
+and kept, rather than re-taken every step, is memplan's reading: see docs/methods/sparse-mezo.md.
 """
 
 from __future__ import annotations
