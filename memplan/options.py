@@ -45,6 +45,7 @@ class Method(_Choice):
     ZO_SGD_CONS = "zo-sgd-cons", "conservative ZO-SGD: five forwards, keeps the best of three candidates"
     ZO_SGD_SIGN = "zo-sgd-sign", "ZO-SignSGD: sign of the projected gradient"
     ZO_ADAM = "zo-adam", "ZO-Adam: keeps exp_avg and exp_avg_sq"
+    SPARSE_MEZO = "sparse-mezo", "Sparse MeZO: perturbs only the smallest-magnitude entries; keeps one threshold per tensor"
 
     @property
     def family(self) -> str:
@@ -141,6 +142,8 @@ class Config(BaseModel):
     grad_checkpointing: bool = Field(False, description="Recompute each layer in backward (first-order only).")
     perturbation: Perturbation = Field(Perturbation.MEZO, description="How ZO perturbs weights.")
     zo_queries: int = Field(1, ge=1, description="ZO queries q per step (q > 1 keeps a gradient accumulator).")
+    zo_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="sparse-mezo: fraction of each tensor's entries "
+                               "left unperturbed (the largest by magnitude); does not change memory.")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
     foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")

@@ -73,7 +73,7 @@ def get(method: Method | str) -> MethodSpec:
     return METHODS[Method(method).value]
 
 
-from memplan.methods import fo, fg, zo  # noqa: E402,F401  (each registers its methods)
+from memplan.methods import fo, fg, zo, sparse_mezo  # noqa: E402,F401  (each registers its methods)
 
 
 def _check() -> None:
