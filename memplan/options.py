@@ -45,6 +45,8 @@ class Method(_Choice):
     ZO_SGD_CONS = "zo-sgd-cons", "conservative ZO-SGD: five forwards, keeps the best of three candidates"
     ZO_SGD_SIGN = "zo-sgd-sign", "ZO-SignSGD: sign of the projected gradient"
     ZO_ADAM = "zo-adam", "ZO-Adam: keeps exp_avg and exp_avg_sq"
+    HIZOO = "hizoo", "HiZOO: keeps a diagonal Hessian estimate; perturbs by z / sqrt(Hessian)"
+    MEZO_SVRG = "mezo-svrg", "MeZO-SVRG: keeps anchor weights and a full-batch estimate; an anchor pass every few steps"
     SPARSE_MEZO = "sparse-mezo", "Sparse MeZO: perturbs only the smallest-magnitude entries; keeps one threshold per tensor"
 
     @property
@@ -148,6 +150,10 @@ class Config(BaseModel):
     foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
     use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
+    svrg_interval: int = Field(2, ge=1, description="mezo-svrg: steps between anchor passes (the reference code's q); "
+                               "every step is an anchor pass at 1.")
+    svrg_anchor_batches: int = Field(1, ge=1, description="mezo-svrg: batches of --batch sequences whose mean loss "
+                                     "the anchor pass's full-batch estimate takes (two forwards each).")
 
     def replace(self, **update) -> "Config":
         """A validated copy with some fields changed (model_copy would skip validation)."""
@@ -172,7 +178,7 @@ class Config(BaseModel):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
-                     mode="before")
+                     "svrg_interval", "svrg_anchor_batches", mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

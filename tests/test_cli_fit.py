@@ -18,7 +18,7 @@ CONTRACT_KEYS = {"model", "method", "scheme", "dtype", "batch", "seq", "attentio
 
 def test_json_contract_with_gpu(fit_json):
     code, ests = fit_json("opt-13b", "--method", "all", "--gpu", "h100", "--batch", "16")
-    assert [e["method"] for e in ests] == ["fo-sgd", "fo-adam", "forward-grad", "zo-sgd", "zo-sgd-mmt",
+    assert [e["method"] for e in ests][:8] == ["fo-sgd", "fo-adam", "forward-grad", "zo-sgd", "zo-sgd-mmt",
                                             "zo-sgd-cons", "zo-sgd-sign", "zo-adam"]
     for e in ests:
         assert CONTRACT_KEYS <= e.keys()

@@ -73,7 +73,8 @@ def get(method: Method | str) -> MethodSpec:
     return METHODS[Method(method).value]
 
 
-from memplan.methods import fo, fg, zo, sparse_mezo  # noqa: E402,F401  (each registers its methods)
+from memplan.methods import fo, fg, zo  # noqa: E402,F401  (each registers its methods)
+from memplan.methods import hizoo, mezo_svrg, sparse_mezo  # noqa: E402,F401
 
 
 def _check() -> None:

@@ -265,3 +265,35 @@ _spec(Method.ZO_SGD_MMT, optimizer=_sgd_momentum, state_copies=state_copies(1))
 _spec(Method.ZO_SGD_CONS, run=run_cons, forwards=5, one_query=True)
 _spec(Method.ZO_SGD_SIGN, run=lambda step, batch: queries(step, batch, transform=_sign))
 _spec(Method.ZO_ADAM, optimizer=_adam, state_copies=state_copies(2))
+
+
+# ---- generic helpers for methods that keep per-tensor temporaries ----------------------------
+
+
+def trainable_sizes(p: a.Inputs) -> tuple[int, ...]:
+    """Bytes of every trainable tensor (each rounded to 512 B), in the order a step's loop visits them."""
+    cfg, spec = p.cfg, p.spec
+    if cfg.scheme is Scheme.FT:
+        return _trainable_sizes(spec, Scheme.FT, cfg.dtype.weight_bytes)
+    if cfg.scheme is Scheme.LORA:
+        return _trainable_sizes(spec, Scheme.LORA, cfg.lora_rank, a.lora_targets(cfg, spec))
+    tokens = cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else cfg.prompt_tokens
+    return _trainable_sizes(spec, cfg.scheme, tokens)
+
+
+def _trainable_sizes(spec, scheme: Scheme, *args) -> tuple[int, ...]:
+    from memplan.overhead import round_block
+
+    key = ("trainable_sizes", scheme, *args)  # cached on the spec, as analytic.per_spec does
+    if key not in spec.memo:
+        spec.memo[key] = tuple(round_block(n * b) for n, b in a.trainable_tensors(spec, scheme, *args))
+    return spec.memo[key]
+
+
+def loop_peak(sizes: tuple[int, ...], prev: int, cur: int) -> int:
+    """Largest prev * |previous tensor| + cur * |this tensor| over a loop's tensors.
+
+    A per-tensor loop whose locals outlive their iteration holds `prev` copies of the previous tensor
+    while it makes `cur` of the current one (the first tensor has no previous one).
+    """
+    return max(prev * b + cur * c for b, c in zip((0, *sizes), sizes))
