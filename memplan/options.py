@@ -45,6 +45,9 @@ class Method(_Choice):
     ZO_SGD_CONS = "zo-sgd-cons", "conservative ZO-SGD: five forwards, keeps the best of three candidates"
     ZO_SGD_SIGN = "zo-sgd-sign", "ZO-SignSGD: sign of the projected gradient"
     ZO_ADAM = "zo-adam", "ZO-Adam: keeps exp_avg and exp_avg_sq"
+    LOZO = "lozo", "LOZO: low-rank perturbation U V^T per weight matrix; keeps V (n x rank) per matrix"
+    LOZO_M = "lozo-m", "LOZO-M: LOZO with low-rank momentum; keeps V, the previous V and U-sized momentum"
+    SUBZERO = "subzero", "SubZero: perturbation in a random subspace per layer; keeps U and V (rank wide) per matrix"
 
     @property
     def family(self) -> str:
@@ -144,6 +147,12 @@ class Config(BaseModel):
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
     foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
+    zo_rank: int = Field(2, ge=1, description="Rank of the low-rank ZO perturbation (lozo, lozo-m, subzero); "
+                         "LOZO's default is 2, SubZero's 8.")
+    lozo_interval: int = Field(50, ge=1, description="lozo / lozo-m: steps between redraws of the kept V factor "
+                               "(LOZO's step_interval).")
+    subzero_interval: int = Field(2000, ge=1, description="subzero: steps between redraws of the kept projection "
+                                  "matrices (SubZero's update_interval).")
     use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
 
     def replace(self, **update) -> "Config":
@@ -169,7 +178,7 @@ class Config(BaseModel):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
-                     mode="before")
+                     "zo_rank", "lozo_interval", "subzero_interval", mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

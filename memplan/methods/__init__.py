@@ -74,6 +74,7 @@ def get(method: Method | str) -> MethodSpec:
 
 
 from memplan.methods import fo, fg, zo  # noqa: E402,F401  (each registers its methods)
+from memplan.methods import lozo, subzero  # noqa: E402,F401
 
 
 def _check() -> None:
