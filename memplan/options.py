@@ -48,6 +48,9 @@ class Method(_Choice):
     HIZOO = "hizoo", "HiZOO: keeps a diagonal Hessian estimate; perturbs by z / sqrt(Hessian)"
     MEZO_SVRG = "mezo-svrg", "MeZO-SVRG: keeps anchor weights and a full-batch estimate; an anchor pass every few steps"
     SPARSE_MEZO = "sparse-mezo", "Sparse MeZO: perturbs only the smallest-magnitude entries; keeps one threshold per tensor"
+    LOZO = "lozo", "LOZO: low-rank perturbation U V^T per weight matrix; keeps V (n x rank) per matrix"
+    LOZO_M = "lozo-m", "LOZO-M: LOZO with low-rank momentum; keeps V, the previous V and U-sized momentum"
+    SUBZERO = "subzero", "SubZero: perturbation in a random subspace per layer; keeps U and V (rank wide) per matrix"
 
     @property
     def family(self) -> str:
@@ -146,14 +149,20 @@ class Config(BaseModel):
     zo_queries: int = Field(1, ge=1, description="ZO queries q per step (q > 1 keeps a gradient accumulator).")
     zo_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="sparse-mezo: fraction of each tensor's entries "
                                "left unperturbed (the largest by magnitude); does not change memory.")
-    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
-    foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
-    hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
-    use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
+    zo_rank: int = Field(2, ge=1, description="Rank of the low-rank ZO perturbation (lozo, lozo-m, subzero); "
+                         "LOZO's default is 2, SubZero's 8.")
+    lozo_interval: int = Field(50, ge=1, description="lozo / lozo-m: steps between redraws of the kept V factor "
+                               "(LOZO's step_interval).")
+    subzero_interval: int = Field(2000, ge=1, description="subzero: steps between redraws of the kept projection "
+                                  "matrices (SubZero's update_interval).")
     svrg_interval: int = Field(2, ge=1, description="mezo-svrg: steps between anchor passes (the reference code's q); "
                                "every step is an anchor pass at 1.")
     svrg_anchor_batches: int = Field(1, ge=1, description="mezo-svrg: batches of --batch sequences whose mean loss "
                                      "the anchor pass's full-batch estimate takes (two forwards each).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
+    foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
+    hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
+    use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
 
     def replace(self, **update) -> "Config":
         """A validated copy with some fields changed (model_copy would skip validation)."""
@@ -178,7 +187,8 @@ class Config(BaseModel):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
-                     "svrg_interval", "svrg_anchor_batches", mode="before")
+                     "svrg_interval", "svrg_anchor_batches", "zo_rank", "lozo_interval", "subzero_interval",
+                     mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

@@ -55,7 +55,7 @@ def test_config_json_path(fit_json, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["opt-14b"], "unknown model 'opt-14b' (did you mean"),
     (["opt-13b", "--gpu", "h1000"], "unknown GPU 'h1000'"),
-    (["opt-13b", "--method", "zo"], "unknown method 'zo'; valid: fo-adam"),
+    (["opt-13b", "--method", "zo"], "unknown method 'zo' (did you mean lozo?); valid: fo-adam"),
     (["opt-13b", "--scheme", "qlora"], "unknown scheme 'qlora' (did you mean lora?); valid: ft, lora, prefix, prompt"),
     (["opt-13b", "--dtype", "fp8"], "unknown dtype 'fp8'; valid: amp-bf16"),
     (["opt-13b", "--attention", "flash"], "unknown attention 'flash'; valid: eager, sdpa"),

@@ -108,7 +108,8 @@ def test_every_method_lowers_the_loss_on_a_memorisable_batch(tmp_path, method):
     # Learning rates from a sweep over 40 steps (ZO steps move by lr * g * z, |z| ~ sqrt(5e4)).
     lr = {"fo-sgd": 0.5, "fo-adam": 1e-2, "forward-grad": 3e-3, "zo-sgd": 1e-3, "zo-sgd-mmt": 3e-4,
           "zo-sgd-cons": 3e-3, "zo-sgd-sign": 3e-3, "zo-adam": 3e-3,
-          "hizoo": 1e-3, "mezo-svrg": 5e-4, "sparse-mezo": 3e-3}[method.value]
+          "hizoo": 1e-3, "mezo-svrg": 5e-4, "sparse-mezo": 3e-3, "lozo": 1e-3, "lozo-m": 1e-3,
+          "subzero": 1e-3}[method.value]
     step = Step(c, model, lr=lr, eps=1e-3, seed=1)
     start = model(**batch, use_cache=False).loss.item()
     for _ in range(40 if zo or method is Method.FORWARD_GRAD else 10):

@@ -74,7 +74,7 @@ def get(method: Method | str) -> MethodSpec:
 
 
 from memplan.methods import fo, fg, zo  # noqa: E402,F401  (each registers its methods)
-from memplan.methods import hizoo, mezo_svrg, sparse_mezo  # noqa: E402,F401
+from memplan.methods import hizoo, lozo, mezo_svrg, sparse_mezo, subzero  # noqa: E402,F401
 
 
 def _check() -> None:

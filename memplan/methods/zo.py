@@ -267,6 +267,61 @@ _spec(Method.ZO_SGD_SIGN, run=lambda step, batch: queries(step, batch, transform
 _spec(Method.ZO_ADAM, optimizer=_adam, state_copies=state_copies(2))
 
 
+# ---- shapes of what trains, for the low-rank methods (lozo, subzero) ---------------------------
+
+
+def shapes_key(cfg: Config, spec) -> tuple:
+    """What `trainable_shapes` reads from `cfg`, as a hashable key (the scheme and its sizes)."""
+    if cfg.scheme is Scheme.FT:
+        return (Scheme.FT, cfg.dtype.weight_bytes)
+    if cfg.scheme is Scheme.LORA:
+        return (Scheme.LORA, cfg.lora_rank, a.lora_targets(cfg, spec))
+    return (cfg.scheme, cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else cfg.prompt_tokens)
+
+
+def on_spec(fn):
+    """Cache `fn(spec, *args)` in the spec's memo, as `analytic.per_spec` does (which this module cannot
+    use at import: `analytic` imports the method registry)."""
+    import functools
+
+    @functools.wraps(fn)
+    def cached(spec, *args):
+        key = (fn.__module__, fn.__name__, *args)
+        try:
+            return spec.memo[key]
+        except KeyError:
+            value = spec.memo[key] = fn(spec, *args)
+            return value
+
+    return cached
+
+
+@on_spec
+def trainable_shapes(spec, scheme: Scheme, *args) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+    """(name, shape, bytes per element) of every trainable tensor, in the model's parameter order.
+
+    ft: the model's own tensors; lora: lora_A (r x in) then lora_B (out x r) of every targeted
+    matrix; prefix: peft's prefix embedding (tokens x L * 2 * kv); prompt: (tokens x token width).
+    The byte counts are `analytic.trainable_tensors`'s; this adds the shapes a low-rank method reads.
+    """
+    if scheme is Scheme.FT:
+        (wb,) = args
+        return tuple((t.name, t.shape, wb) for t in spec.tensors)
+    if scheme is Scheme.LORA:
+        rank, targets = args
+        a.trainable_tensors(spec, scheme, *args)  # its clear error when the targets match nothing
+        out = []
+        for t in spec.tensors:
+            if t.module in targets and t.layer is not None and len(t.shape) == 2:
+                out += [(t.name + ".lora_A", (rank, t.fan_in), a.ADAPTER_BYTES),
+                        (t.name + ".lora_B", (t.fan_out, rank), a.ADAPTER_BYTES)]
+        return tuple(out)
+    (tokens,) = args
+    if scheme is Scheme.PREFIX:
+        return (("prefix_encoder.embedding.weight", (tokens, spec.num_layers * 2 * spec.kv_dim), a.ADAPTER_BYTES),)
+    return (("prompt_encoder.embedding.weight", (tokens, spec.word_embed_proj_dim), a.ADAPTER_BYTES),)
+
+
 # ---- generic helpers for methods that keep per-tensor temporaries ----------------------------
 
 
@@ -281,13 +336,11 @@ def trainable_sizes(p: a.Inputs) -> tuple[int, ...]:
     return _trainable_sizes(spec, cfg.scheme, tokens)
 
 
+@on_spec
 def _trainable_sizes(spec, scheme: Scheme, *args) -> tuple[int, ...]:
     from memplan.overhead import round_block
 
-    key = ("trainable_sizes", scheme, *args)  # cached on the spec, as analytic.per_spec does
-    if key not in spec.memo:
-        spec.memo[key] = tuple(round_block(n * b) for n, b in a.trainable_tensors(spec, scheme, *args))
-    return spec.memo[key]
+    return tuple(round_block(n * b) for n, b in a.trainable_tensors(spec, scheme, *args))
 
 
 def loop_peak(sizes: tuple[int, ...], prev: int, cur: int) -> int:
