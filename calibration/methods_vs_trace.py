@@ -2,10 +2,11 @@
 
 Grid: ft / lora / prefix / prompt x fp32 / fp16 / bf16 x two families (OPT-125m from the catalog and
 the 4-layer GQA Llama of `analytic_vs_trace.py`), batch 4 x 128 tokens, sdpa. Prints one line per
-configuration and the median and worst absolute error; records nothing (the recorded grid of the
-first eight methods lives in `analytic_vs_trace.py`).
+configuration and the median and worst absolute error; with `--out FILE` also appends the section
+as a markdown table (the recorded grid of the first eight methods lives in `analytic_vs_trace.py`).
 
 Run: python calibration/methods_vs_trace.py hizoo mezo-svrg [--set svrg_interval=1] [--batch 4 --seq 128]
+     [--out calibration/METHODS-VS-TRACE.md]   (what is recorded there: see that file's sections)
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra Config field, name=JSON value")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--out", type=Path, help="append this run as a markdown section to the file")
     args = parser.parse_args()
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    errors = []
+    errors, rows = [], []
     with tempfile.TemporaryDirectory() as d:
         llama = Path(d) / "config.json"
         llama.write_text(json.dumps(LLAMA_GQA))
@@ -61,9 +63,21 @@ def main() -> None:
             trace, analytic, tphase, aphase = compare(cfg)
             err = (analytic - trace) / trace
             errors.append(abs(err))
+            rows.append(f"| {method} | {model} | {scheme} | {dtype} | {trace / 2**20:.2f} | {analytic / 2**20:.2f} "
+                        f"| {err:+.2%} | {tphase} | {aphase} |")
             print(f"{method} {model} {scheme} {dtype}: trace {trace:,} ({tphase}) analytic {analytic:,} ({aphase}) "
                   f"{err:+.2%}", flush=True)
-    print(f"{len(errors)} configs: median |error| {statistics.median(errors):.2%}, worst {max(errors):.2%}")
+    summary = f"{len(errors)} configs: median |error| {statistics.median(errors):.2%}, worst {max(errors):.2%}"
+    print(summary)
+    if args.out:
+        settings = " ".join(f"--set {s}" for s in args.set)
+        head = [f"## {' '.join(args.methods)} {settings}".rstrip(), "",
+                f"`python calibration/methods_vs_trace.py {' '.join(sys.argv[1:])}`: batch {args.batch} x seq "
+                f"{args.seq}, sdpa. **{summary}**", "",
+                "| method | model | scheme | dtype | trace MiB | analytic MiB | error | trace phase | analytic phase |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        with args.out.open("a") as f:
+            f.write("\n".join(head + rows) + "\n\n")
 
 
 if __name__ == "__main__":
