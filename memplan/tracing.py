@@ -42,6 +42,8 @@ class Traced:
     total_params: int
     warnings: list[str]
 
+MAX_CYCLE_STEPS = 8  # a method whose steps repeat every n: the trace measures n steps, at most this many
+
 
 def fake_model(config: Config, fake_mode, device: str = "cpu"):
     """The model built on meta, then every parameter and buffer swapped for a fake tensor on `device`."""
@@ -86,9 +88,12 @@ def trace_step(config: Config, *, real: bool = False,
 
     from memplan import methods
 
-    why = methods.get(config.method).untraceable(config)
+    spec = methods.get(config.method)
+    why = spec.untraceable(config)
     if why and not real:
         raise MemplanError(why)
+    cycle = spec.cycle(config)
+    measured = min(cycle, MAX_CYCLE_STEPS)
     if real:
         torch.manual_seed(seed)
         model, mode = build_model(config, "cpu"), contextlib.nullcontext()
@@ -124,7 +129,8 @@ def trace_step(config: Config, *, real: bool = False,
                 step(batch)
                 start = tracker.mark()
                 label[0] = "measured"
-                step(batch)
+                for _ in range(measured):  # one whole cycle of the method's steps
+                    step(batch)
     except MemplanError:
         raise
     except Exception as e:  # an op the tracer (fake tensors) cannot follow
@@ -133,6 +139,9 @@ def trace_step(config: Config, *, real: bool = False,
         raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
                            f"{type(e).__name__}: {one_line(e)}") from None
     warnings = list(step.warnings)
+    if measured < cycle:
+        warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
+                        f"{measured} after the warm-up, so a peak in a later one is not seen")
     warnings += _attention_warnings(config, base)
     return Traced(tracker.peak(start), n_train, total, warnings)
 

@@ -46,6 +46,8 @@ class MethodSpec:
     optimizer: Callable[[list, Config, float], object] | None = None  # torch optimizer over the params
     one_query: bool = False  # takes a single query per step (zo_queries must be 1)
     warnings: Callable[[Config], list[str]] = field(default=lambda cfg: [])  # what the real step changes
+    # steps after which the method's steps repeat (an anchor pass every n steps): the trace measures a cycle
+    cycle: Callable[[Config], int] = field(default=lambda cfg: 1)
     # why the trace tier (fake tensors) cannot run this configuration, or None when it can
     untraceable: Callable[[Config], str | None] = field(default=lambda cfg: None)
 
