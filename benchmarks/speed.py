@@ -40,7 +40,7 @@ def sweep(n_target: int = 10_000) -> tuple[int, float]:
     return len(configs), time.perf_counter() - start
 
 
-def timings(cmds: dict[str, list[str]], repeat: int = 15) -> dict[str, tuple[float, float]]:
+def timings(cmds: dict[str, list[str]], repeat: int = 31) -> dict[str, tuple[float, float]]:
     """(median wall, median CPU) seconds of each command, run interleaved so load drifts hit all alike."""
     import compileall
     import os
@@ -60,7 +60,7 @@ def timings(cmds: dict[str, list[str]], repeat: int = 15) -> dict[str, tuple[flo
 
 
 # A bare typer app with one command of as many options that prints one rich table of the fit
-# table's shape (8 rows, 12 columns): what typer and rich themselves cost to answer.
+# table's shape (one row per method, 12 columns): what typer and rich themselves cost to answer.
 BARE_TYPER = """
 from typing import Optional
 import typer, rich, pydantic
@@ -78,7 +78,7 @@ def fit(model: str = typer.Argument(...), method: Optional[list[str]] = typer.Op
     table = Table(title=f"{model} · ft · fp16 · batch 1 x seq 512")
     for c in range(12):
         table.add_column(f"col {c}", justify="right")
-    for r in range(8):
+    for r in range(ROWS):
         table.add_row(*(f"{r * c / 3:.2f}" for c in range(12)))
     Console().print(table)
 app(["fit", "opt-13b", "--method", "all"], standalone_mode=False)
@@ -89,12 +89,15 @@ def main() -> None:
     n, seconds = sweep()
     print(f"sweep: {n} configs in {seconds:.3f} s = {n / seconds:,.0f} estimates/s (target: <= 1 s)")
     fit_cmd = [sys.executable, "-m", "memplan", "fit", "opt-13b", "--method", "all"]
-    t = timings({"base": [sys.executable, "-c", "import typer, rich, pydantic"], "bare": [sys.executable, "-c", BARE_TYPER],
+    from memplan.options import Method
+
+    bare = BARE_TYPER.replace("ROWS", str(len(Method)))
+    t = timings({"base": [sys.executable, "-c", "import typer, rich, pydantic"], "bare": [sys.executable, "-c", bare],
                  "fit": fit_cmd, "fit_gpu": fit_cmd + ["--gpu", "h100"]})
     (bw, bc) = t["bare"]
     print(f"{'command':58} {'wall s':>7} {'x bare':>7} {'CPU s':>7} {'x bare':>7}")
     for name, label in (("base", "import typer, rich, pydantic"),
-                        ("bare", "bare typer app printing one rich table"),
+                        ("bare", f"bare typer app printing one rich table ({len(Method)} x 12)"),
                         ("fit", "memplan fit opt-13b --method all (target: <= 1.2x bare)"),
                         ("fit_gpu", "  ... --gpu h100 (verdicts, max batch and seq searches)")):
         w, c = t[name]

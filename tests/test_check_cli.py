@@ -167,3 +167,11 @@ def test_cli_import_stays_light():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def test_names_are_printed_as_typed_not_as_emoji(run_cli, tmp_path):
+    # rich turns `:smile:` into an emoji by default; a run name must reach the table unchanged.
+    plan = tmp_path / "p.json"
+    plan.write_text('{"gpus": ["h100-80gb"], "runs": [{"name": "run :smile: a", "model": "opt-125m"}]}')
+    code, out, err = run_cli("check", str(plan))
+    assert code == 0 and "run :smile: a" in out and "\U0001f604" not in out

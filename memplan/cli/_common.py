@@ -29,7 +29,8 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def console():
+def console(*, stderr: bool = False):
+    """memplan's console: no emoji codes (`:name:` in a model or run name stays as typed)."""
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr, emoji=False)

@@ -37,11 +37,10 @@ def check(
     if as_json:
         print_json({"fits": not misfits, "results": [r.to_json_dict() for r in results]})
     else:
-        from rich.console import Console
         from rich.markup import escape
 
         # stdout holds the table; the verdicts in words and the warnings go to stderr.
-        out, err = console(), Console(stderr=True)
+        out, err = console(), console(stderr=True)
         print_check(out, results)
         for r in misfits:
             err.print(f"[red]does not fit:[/red] {escape(reports.testcase_name(r))}: {r.summary()}; "

@@ -47,11 +47,15 @@ def _analytic(configs: list, gpu, as_json: bool) -> tuple[list, list[str]]:
     """Analytic estimates, and what would make each non-fitting one fit."""
     from memplan.api import estimate_config
     from memplan.spec import resolve
-    from memplan.suggest import suggestions
 
     spec = resolve(configs[0].model)
     estimates = [estimate_config(c, gpu, spec=spec) for c in configs]
-    return estimates, [line for e in estimates if e.fits is False for line in suggestions(e, spec, gpu)]
+    misfits = [e for e in estimates if e.fits is False]
+    if not misfits:
+        return estimates, []
+    from memplan.suggest import suggestions  # only a misfit needs it (and the margin module it brings)
+
+    return estimates, [line for e in misfits for line in suggestions(e, spec, gpu)]
 
 
 def _traced(configs: list, gpu, as_json: bool) -> tuple[list, list[str]]:

@@ -35,16 +35,25 @@ def compact_table(**kwargs):
 
 
 def add_columns(table, names: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ()) -> None:
-    """Columns that never wrap nor cut a cell: each is as wide as its widest cell or header line."""
+    """Columns that never wrap nor cut a cell: each is as wide as its widest cell or header line.
+
+    Cells are parsed once into `Text` (markup only where a cell has some: most are numbers), so rich
+    neither parses nor measures a cell twice.
+    """
     from rich.text import Text
 
-    def cell_width(cell: str) -> int:
-        return max(Text.from_markup(line).cell_len for line in cell.split("\n"))
+    def text(cell: str) -> Text:
+        return Text.from_markup(cell) if "[" in cell else Text(cell)
 
+    def width(t: Text) -> int:
+        return max(Text(line).cell_len for line in t.plain.split("\n")) if "\n" in t.plain else t.cell_len
+
+    cells = [[text(c) for c in row] for row in rows]
     for i, name in enumerate(names):
-        width = max([cell_width(r[i]) for r in rows] + [cell_width(name)])
-        table.add_column(name, justify="left" if name in left else "right", no_wrap=True, min_width=width)
-    for row in rows:
+        head = text(name)
+        table.add_column(head, justify="left" if name in left else "right", no_wrap=True,
+                         min_width=max([width(r[i]) for r in cells] + [width(head)]))
+    for row in cells:
         table.add_row(*row)
 
 
@@ -139,11 +148,10 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
     if as_json:
         print_json({"estimates": [e.to_json_dict() for e in estimates]})
         return
-    from rich.console import Console
     from rich.text import Text
 
     # stdout holds the table; what is said about it goes to stderr, so `> file` keeps the table alone.
-    out, err = console(), Console(stderr=True)
+    out, err = console(), console(stderr=True)
     caption = Text(CAPTION, style="dim")
     head = [Text(title_of(estimates[0])), ""]
     print_fitting(
