@@ -18,8 +18,7 @@ from memplan.errors import MemplanError
 from memplan.pipeline import estimate_config
 from memplan.result import Estimate, Tier
 from memplan.units import MIB, fmt_size
-from memplan.options import Config
-from memplan.methods import METHODS
+from memplan.options import Config, Method
 from memplan.spec import spec_from_config
 
 TIERS = (Tier.ANALYTIC.value, "corrected", Tier.TRACE.value)  # "corrected": analytic with fitted overheads
@@ -96,7 +95,7 @@ def rows(recs: list[dict], fitted: dict) -> list[Row]:
     traces = {r["config_key"]: r for r in recs if r.get("tier") == "trace" and r.get("config_key")}
     measured = [r for r in recs if r.get("tier", "measured") == "measured" and r.get("config")]
     out = [row_of(r, fitted, traces) for r in measured]
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m.value: i for i, m in enumerate(Method)}  # the order the CLI and tables use
     out.sort(key=lambda r: (r.meter, r.model, order.get(r.config.method.value, 99), r.config.scheme.value,
                             r.config.dtype.value, r.config.attention.value, r.config.batch, r.config.seq, r.key))
     return out

@@ -75,8 +75,16 @@ def get(method: Method | str) -> MethodSpec:
     return METHODS[Method(method).value]
 
 
-from memplan.methods import fo, fg, zo  # noqa: E402,F401  (each registers its methods)
-from memplan.methods import hizoo, lozo, mezo_svrg, sparse_mezo, subzero  # noqa: E402,F401
+def _register_all() -> None:
+    """Import every module of this package: each registers its methods (a new method is a new module)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
 
 
 def _check() -> None:
