@@ -76,8 +76,8 @@ def test_register_rejects_a_duplicate_model_type():
 
 
 def test_unknown_model_type_lists_the_supported_ones():
-    with pytest.raises(MemplanError, match=r"model_type 'gemma2' is not supported; supported: opt, llama, "
-                                           r"mistral, qwen2, gpt2, roberta"):
+    with pytest.raises(MemplanError, match=r"model_type 'gemma2' is not supported; supported: gpt2, llama, "
+                                           r"mistral, opt, qwen2, roberta"):
         arch.get("gemma2")
 
 

@@ -4,8 +4,8 @@ Each family module (`opt`, `llama`, `gpt2`, `roberta`) builds an `Arch` and call
 `Arch` says how to read a config.json into `ModelSpec` fields, which parameter tensors and buffers
 the model holds, which layers it stacks (a list, so layers may differ), what each layer keeps for
 backward, what its loss keeps, and peft's defaults for it. Adding a family is one new module here
-(imported at the bottom of this file) plus its tests; the conformance tests cover every registered
-family.
+(every module of the package is imported and registers itself) plus its tests; the conformance tests
+cover every registered family.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def get(model_type: str | None, *, where: str = "config") -> Arch:
     """The family of `model_type`, or an error listing the supported ones."""
     if model_type not in ARCHS:
         raise MemplanError(
-            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHS)}"
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
         )
     return ARCHS[model_type]
 
@@ -93,4 +93,14 @@ def find(model_type: str | None) -> Arch | None:
     return ARCHS.get(model_type)
 
 
-from memplan.arch import opt, llama, gpt2, roberta  # noqa: E402,F401  (each registers itself)
+def _register_all() -> None:
+    """Import every family module of this package: each registers itself (a new family is a new module)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
