@@ -11,7 +11,6 @@ element of weights / compute, r bytes of the residual stream (fp32 under autocas
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from memplan import methods
@@ -19,8 +18,8 @@ from memplan.arch import Ctx
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Attention, Config, Scheme
-from memplan.overhead import round_block, workspace_bytes
-from memplan.spec import ModelSpec
+from memplan.overhead import round_block
+from memplan.spec import ModelSpec, per_spec
 
 C = Category
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True)
@@ -39,26 +38,6 @@ def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
 
 
 # ---- parameters -----------------------------------------------------------------------------
-
-
-def per_spec(fn):
-    """Cache `fn(spec, *args)` on the spec, keyed by the function and its arguments.
-
-    Sweeps estimate thousands of configurations of one model; the sums over its tensors depend on
-    the spec and on the arguments alone, which the function's signature spells out. A cached
-    function must read nothing else (no Config: pass the fields it needs).
-    """
-
-    @functools.wraps(fn)
-    def cached(spec: ModelSpec, *args):
-        key = (fn.__name__, *args)
-        try:
-            return spec.memo[key]
-        except KeyError:
-            value = spec.memo[key] = fn(spec, *args)
-            return value
-
-    return cached
 
 
 @per_spec

@@ -7,6 +7,7 @@ entry against a meta-device model built by transformers, tensor by tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     source: str = ""
     config: dict = field(default_factory=dict, repr=False, compare=False)
-    memo: dict = field(default_factory=dict, repr=False, compare=False)  # analytic.per_spec's cache
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # per_spec's cache
 
     # ---- tensors --------------------------------------------------------------------------
 
@@ -89,6 +90,25 @@ class ModelSpec:
     def default_lora_targets(self) -> tuple[str, ...]:
         return self.arch.lora_targets
 
+
+def per_spec(fn):
+    """Cache `fn(spec, *args)` on the spec (`ModelSpec.memo`), keyed by the function and its arguments.
+
+    Sweeps estimate thousands of configurations of one model; the sums over its tensors depend on
+    the spec and on the arguments alone, which the function's signature spells out. A cached
+    function must read nothing else (no Config: pass the fields it needs).
+    """
+
+    @functools.wraps(fn)
+    def cached(spec: ModelSpec, *args):
+        key = (fn.__module__, fn.__qualname__, *args)
+        try:
+            return spec.memo[key]
+        except KeyError:
+            value = spec.memo[key] = fn(spec, *args)
+            return value
+
+    return cached
 
 # ---- from a config dict ---------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from memplan.methods import Family, MethodSpec, register, zo
 from memplan.options import Config, Method, Perturbation
 from memplan.overhead import round_block as rb
 from memplan.result import Category, Phase
+from memplan.spec import per_spec
 
 BETA1 = 0.9  # LOZO-M's momentum coefficient (its `beta1`)
 WEIGHT_DECAY = 0.0  # LOZO's default; the term is computed all the same
@@ -59,7 +60,7 @@ def decays(name: str) -> bool:
 # ---- analytic -------------------------------------------------------------------------------
 
 
-@zo.on_spec
+@per_spec
 def _bytes(spec, key: tuple, rank: int, momentum: bool, two_v: bool, mezo: bool) -> tuple[int, int, int]:
     """(kept, perturbation peak, update peak) bytes over the trainable tensors named by `key`."""
     kept = perturb = update = 0
@@ -225,12 +226,8 @@ def run(step, batch, *, momentum: bool = False):
     _refresh(step, momentum=momentum)
     step.state.setdefault("t", 0)
     seed = step.rng.randrange(10**9)
-    perturb(step, seed, 1.0)
-    loss1 = zo.forward(step, batch)
-    perturb(step, seed, -2.0)
-    loss2 = zo.forward(step, batch)
-    perturb(step, seed, 1.0)
-    g = scalar((loss1 - loss2) / (2 * step.eps))
+    loss1, g = zo.projected_grad(step, batch, seed, perturb)
+    g = scalar(g)
     _update(step, seed, g, momentum=momentum)
     step.state["t"] += 1
     return StepInfo(loss1, seeds=[seed], projected_grads=[g])

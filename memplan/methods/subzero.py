@@ -35,6 +35,7 @@ from memplan.methods import Family, MethodSpec, register, zo
 from memplan.options import Method, Perturbation, Scheme
 from memplan.overhead import round_block as rb
 from memplan.result import Category, Phase
+from memplan.spec import per_spec
 
 
 def near_square(numel: int) -> tuple[int, int]:
@@ -60,7 +61,7 @@ def matrix_shape(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, int] | No
 # ---- analytic -------------------------------------------------------------------------------
 
 
-@zo.on_spec
+@per_spec
 def _bytes(spec, key: tuple, rank: int, mezo: bool) -> tuple[int, int, int]:
     """(kept, perturbation peak, update peak) bytes over the trainable tensors named by `key`."""
     kept = perturb = update = 0
@@ -212,12 +213,8 @@ def run(step, batch):
     h.phase(Phase.PERTURB)
     _refresh(step)
     seed = step.rng.randrange(10**9)
-    perturb(step, seed, 1.0)
-    loss1 = zo.forward(step, batch)
-    perturb(step, seed, -2.0)
-    loss2 = zo.forward(step, batch)
-    perturb(step, seed, 1.0)
-    g = scalar((loss1 - loss2) / (2 * step.eps))
+    loss1, g = zo.projected_grad(step, batch, seed, perturb)
+    g = scalar(g)
     update(step, seed, g)
     step.state["t"] += 1
     return StepInfo(loss1, seeds=[seed], projected_grads=[g])

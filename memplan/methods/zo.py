@@ -30,6 +30,7 @@ from memplan.methods import Family, MethodSpec, register
 from memplan.options import Config, Method, Perturbation, Scheme
 from memplan.overhead import workspace_bytes
 from memplan.result import Category, Phase
+from memplan.spec import per_spec
 
 ZO_MOMENTUM = 0.9  # ZO-Bench's zo_sgd_momen sweeps
 
@@ -119,13 +120,21 @@ def forward(step, batch):
         return step.model(**step.kwargs(batch)).loss.detach()
 
 
-def projected_grad(step, batch, seed: int):
-    """Two-sided estimate (f(w + eps z) - f(w - eps z)) / (2 eps); leaves the weights restored."""
-    perturb(step, seed, 1.0)
+def two_sided(step, batch, seed: int, move=None):
+    """(f(w + eps u), f(w - eps u)), u the direction `move(step, seed, scale)` takes (MeZO's z by
+    default; a method's own low-rank or Hessian-scaled one); leaves the weights restored."""
+    move = move or perturb
+    move(step, seed, 1.0)
     loss1 = forward(step, batch)
-    perturb(step, seed, -2.0)
+    move(step, seed, -2.0)
     loss2 = forward(step, batch)
-    perturb(step, seed, 1.0)
+    move(step, seed, 1.0)
+    return loss1, loss2
+
+
+def projected_grad(step, batch, seed: int, move=None):
+    """Two-sided estimate (f(w + eps u) - f(w - eps u)) / (2 eps); leaves the weights restored."""
+    loss1, loss2 = two_sided(step, batch, seed, move)
     return loss1, (loss1 - loss2) / (2 * step.eps)
 
 
@@ -279,24 +288,7 @@ def shapes_key(cfg: Config, spec) -> tuple:
     return (cfg.scheme, cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else cfg.prompt_tokens)
 
 
-def on_spec(fn):
-    """Cache `fn(spec, *args)` in the spec's memo, as `analytic.per_spec` does (which this module cannot
-    use at import: `analytic` imports the method registry)."""
-    import functools
-
-    @functools.wraps(fn)
-    def cached(spec, *args):
-        key = (fn.__module__, fn.__name__, *args)
-        try:
-            return spec.memo[key]
-        except KeyError:
-            value = spec.memo[key] = fn(spec, *args)
-            return value
-
-    return cached
-
-
-@on_spec
+@per_spec
 def trainable_shapes(spec, scheme: Scheme, *args) -> tuple[tuple[str, tuple[int, ...], int], ...]:
     """(name, shape, bytes per element) of every trainable tensor, in the model's parameter order.
 
@@ -336,7 +328,7 @@ def trainable_sizes(p: a.Inputs) -> tuple[int, ...]:
     return _trainable_sizes(spec, cfg.scheme, tokens)
 
 
-@on_spec
+@per_spec
 def _trainable_sizes(spec, scheme: Scheme, *args) -> tuple[int, ...]:
     from memplan.overhead import round_block
 
