@@ -129,10 +129,6 @@ def spec_from_config(cfg: dict, name: str, *, source: str = "", where: str = "co
     configs.check_config(cfg, where)
     cfg = configs.without_nulls(cfg)
     mt = cfg.get("model_type")
-    if mt not in SUPPORTED_TYPES:
-        raise MemplanError(
-            f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
-        )
     common = archs.get(mt, where=where).read(cfg, lambda key: _need(cfg, key, where))
     if common["num_heads"] % common["num_kv_heads"]:
         raise MemplanError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")

@@ -76,14 +76,15 @@ def register(arch: Arch) -> Arch:
 
 
 def supported_types() -> tuple[str, ...]:
-    return tuple(ARCHS)
+    """Every registered model_type, sorted (what error messages list)."""
+    return tuple(sorted(ARCHS))
 
 
 def get(model_type: str | None, *, where: str = "config") -> Arch:
     """The family of `model_type`, or an error listing the supported ones."""
     if model_type not in ARCHS:
         raise MemplanError(
-            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_types())}"
         )
     return ARCHS[model_type]
 
