@@ -42,7 +42,7 @@ import dataclasses
 
 from memplan import analytic as a
 from memplan.methods import Family, MethodSpec, register, zo
-from memplan.options import Config, Method, Perturbation
+from memplan.options import Method, Perturbation
 from memplan.overhead import round_block as rb
 from memplan.result import Category, Phase
 from memplan.spec import per_spec
@@ -168,6 +168,15 @@ def perturb(step, seed: int, scale: float) -> None:
         del u, vz
 
 
+def _full_direction(p, step_dir, v, coeff: float, *, momentum: bool):
+    """The update's direction at p's full size: coeff * u v^T for a matrix (u = step_dir), coeff * z
+    otherwise; the momentum itself (coeff 1) when it is kept at full size, without a copy."""
+    if v is None:
+        return step_dir if momentum else coeff * step_dir
+    full = (step_dir @ v.t()).view(p.shape)
+    return full if momentum else coeff * full
+
+
 def _update(step, seed: int, g: float, *, momentum: bool) -> None:
     """LOZO's lowrank_zo_update (lozo-m: its momentum update), per tensor."""
     import torch
@@ -203,20 +212,14 @@ def _update(step, seed: int, g: float, *, momentum: bool) -> None:
                     p.data.view(p.size(0), -1).addmm_(step_dir, vz.t(), alpha=-lr * coeff)
             else:
                 # Out of place and unnamed, as the paper's code: each temporary dies in the expression.
-                if u is None and momentum:
-                    full = lambda: step_dir  # noqa: E731
-                elif u is None:
-                    full = lambda: coeff * step_dir  # noqa: E731
-                elif momentum:
-                    full = lambda: (step_dir @ vz.t()).view(p.shape)  # noqa: E731
-                else:
-                    full = lambda: coeff * (step_dir @ vz.t()).view(p.shape)  # noqa: E731
+                v = None if u is None else vz
                 if decays(name):
-                    p.data = p.data - lr * (full() + WEIGHT_DECAY * p.data)
+                    p.data = p.data - lr * (_full_direction(p, step_dir, v, coeff, momentum=momentum)
+                                            + WEIGHT_DECAY * p.data)
                 else:
-                    p.data = p.data - lr * full()
+                    p.data = p.data - lr * _full_direction(p, step_dir, v, coeff, momentum=momentum)
                 h.bind(Category.WEIGHTS, [p])
-                del full
+                del v
         del u, vz, d, step_dir
 
 
