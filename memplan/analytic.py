@@ -176,6 +176,15 @@ def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) 
     return x_saved + middle
 
 
+def lora_unsaved_masks(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:
+    """Bytes of dropout masks that `lora_saved_per_token` counts but the first layer does not save.
+
+    Dropout saves its mask only when its input needs a gradient: the first layer's attention input
+    comes from frozen embeddings, so its targets' masks are never saved (T * targets * h).
+    """
+    return s.tokens * targets * spec.hidden_size if cfg.lora_dropout > 0 else 0
+
+
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
     """(primal, tangent) bytes of the logits and loss in a dual forward.
 
