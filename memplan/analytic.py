@@ -158,16 +158,31 @@ def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) 
     peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
     for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
     lora_A saves its own 16-bit cast.
+    With lora_dropout > 0, each target's `nn.Dropout` saves a bool mask (1 byte per element) and
+    lora_A saves the dropped-out fp32 copy instead of x (under autocast: its 16-bit cast), so
+    fp32 models no longer share x between the targets.
     """
     h = spec.hidden_size
+    mask = 1 if cfg.lora_dropout > 0 else 0
     if s.amp:
-        x_saved = targets * h * s.cb
+        x_saved = targets * h * (s.cb + mask)
+    elif mask:
+        x_saved = targets * h * (ADAPTER_BYTES + mask)
     elif s.wb == 4:
         x_saved = h * 4  # the projection input itself, shared by the targets
     else:
         x_saved = targets * h * ADAPTER_BYTES
     middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
     return x_saved + middle
+
+
+def lora_unsaved_masks(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:
+    """Bytes of dropout masks that `lora_saved_per_token` counts but the first layer does not save.
+
+    Dropout saves its mask only when its input needs a gradient: the first layer's attention input
+    comes from frozen embeddings, so its targets' masks are never saved (T * targets * h).
+    """
+    return s.tokens * targets * spec.hidden_size if cfg.lora_dropout > 0 else 0
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:

@@ -109,7 +109,7 @@ def _peft(config: Config, cfg, model):
     task = TaskType.CAUSAL_LM if not is_masked_lm(cfg) else TaskType.FEATURE_EXTRACTION
     if config.scheme is Scheme.LORA:
         pc = LoraConfig(task_type=task, r=config.lora_rank, lora_alpha=config.lora_alpha,
-                        target_modules=lora_targets(config, cfg), lora_dropout=0.0)
+                        target_modules=lora_targets(config, cfg), lora_dropout=config.lora_dropout)
     elif config.scheme is Scheme.PREFIX:
         pc = PrefixTuningConfig(task_type=task, num_virtual_tokens=config.prefix_tokens)
     else:

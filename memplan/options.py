@@ -142,6 +142,9 @@ class Config(BaseModel):
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r); does not change memory.")
     lora_targets: tuple[str, ...] = Field((), description="Module names LoRA wraps; empty: peft's default for "
                                           "the architecture (q_proj, v_proj for OPT and Llama; c_attn for GPT-2).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability on each LoRA adapter's "
+                                "input (peft's lora_dropout); > 0 saves a mask and a dropped-out copy of the input "
+                                "per targeted module for backward.")
     prefix_tokens: int = Field(5, ge=1, description="Prefix-tuning tokens per layer.")
     prompt_tokens: int = Field(10, ge=1, description="Prompt-tuning virtual tokens.")
     grad_checkpointing: bool = Field(False, description="Recompute each layer in backward (first-order only).")

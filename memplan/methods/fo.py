@@ -25,9 +25,10 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     trains_weights = cfg.scheme is Scheme.FT
     e = a.scores(cfg, spec, s)
     L = spec.num_layers
-    lora = 0
+    lora = unsaved = 0
     if cfg.scheme is Scheme.LORA:
         lora = a.lora_saved_per_token(cfg, spec, s, targets=train.count // 2 // L)
+        unsaved = a.lora_unsaved_masks(cfg, spec, s, targets=train.count // 2 // L)
 
     def kept(kind) -> int:
         per_token, per_score = s.arch.saved(kind, s)
@@ -36,7 +37,7 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     # Every layer's saved tensors live until its backward: the sum over the layers, by kind.
     counts = Counter(s.arch.layers(spec))
     per_kind = {kind: kept(kind) for kind in counts}
-    all_layers = sum(n * per_kind[kind] for kind, n in counts.items())
+    all_layers = sum(n * per_kind[kind] for kind, n in counts.items()) - unsaved
     # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
     # at a time in backward.
     checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
