@@ -24,6 +24,7 @@ from memplan.build import (  # noqa: F401  (the model factory, re-exported for o
     trainable,
 )
 from memplan import _compat
+from memplan.arch._common import chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Config, Loss
@@ -151,16 +152,6 @@ class Step:
                     (host if k == "step" else state).append(v)
         self.hooks.tag(Category.OPTIMIZER_STATE, state)
         self.hooks.host(host)
-
-
-def chunked_loss_refusal(config: Config, *, masked: bool) -> str | None:
-    """Why `--loss chunked` cannot run this configuration, or None."""
-    if masked:
-        return "--loss chunked needs a causal LM; masked-LM heads (roberta) compute their loss in full"
-    if config.scheme.value in ("prefix", "prompt"):
-        return (f"--loss chunked supports --scheme ft and lora; --scheme {config.scheme.value} feeds its "
-                "virtual tokens through peft's own forward")
-    return None
 
 
 def chunked_loss(model, kwargs: dict, chunks: int):
