@@ -11,13 +11,15 @@ element of weights / compute, r bytes of the residual stream (fp32 under autocas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from memplan import methods
 from memplan.arch import Ctx
+from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Scheme
+from memplan.options import Attention, Config, Loss, Scheme
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -30,11 +32,23 @@ def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
     seq_k = seq_in + (cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else 0)
     amp = cfg.dtype.is_amp
+    arch = spec.arch.at(cfg.hf_version)
+    if cfg.loss is Loss.CHUNKED:
+        refuse = chunked_loss_refusal(cfg, masked=arch.objective == "masked")
+        if refuse:
+            raise MemplanError(refuse)
+        arch = _chunked(arch)
     return Ctx(
-        cfg=cfg, spec=spec, arch=spec.arch.at(cfg.hf_version), tokens=cfg.batch * seq_in, seq_q=seq_in,
+        cfg=cfg, spec=spec, arch=arch, tokens=cfg.batch * seq_in, seq_q=seq_in,
         seq_k=seq_k, wb=cfg.dtype.weight_bytes, cb=cfg.dtype.compute_bytes,
         r=4 if amp else cfg.dtype.compute_bytes, amp=amp,
     )
+
+
+@lru_cache(maxsize=None)
+def _chunked(arch):
+    """`arch` with `--loss chunked`'s logits formulas."""
+    return replace(arch, logits_forward=chunked_logits_forward, logits_backward=chunked_logits_backward)
 
 
 # ---- parameters -----------------------------------------------------------------------------

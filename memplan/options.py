@@ -117,6 +117,12 @@ class Perturbation(_Choice):
     INPLACE = "inplace", "param.data.add_(z, alpha=scale * eps): one temporary z"
 
 
+class Loss(_Choice):
+    FULL = "full", "the model's own loss: the whole batch's logits and their fp32 upcast at once"
+    CHUNKED = "chunked", ("the lm_head, fp32 upcast and cross-entropy run per chunk of the sequence "
+                          "(torchtune's CEWithChunkedOutputLoss)")
+
+
 class HfVersion(_Choice):
     CURRENT = "current", "the transformers release memplan's steps run on (5.x)"
     V4_28 = "4.28", "transformers 4.28, as pinned by MeZO and ZO-Bench (OPT eager: fp32 mask promotion, KV cache kept)"
@@ -166,6 +172,10 @@ class Config(BaseModel):
     foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
     use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
+    loss: Loss = Field(Loss.FULL, description="How the loss is computed from the hidden states: full logits, or "
+                       "chunked (causal LMs).")
+    loss_chunks: int = Field(8, ge=1, description="--loss chunked: chunks the sequence is split into "
+                             "(torchtune's default is 8).")
 
     def replace(self, **update) -> "Config":
         """A validated copy with some fields changed (model_copy would skip validation)."""
@@ -184,14 +194,14 @@ class Config(BaseModel):
         except TypeError as e:  # a field given twice, say
             raise MemplanError(str(e)) from None
 
-    @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", mode="before")
+    @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", "loss", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
                      "svrg_interval", "svrg_anchor_batches", "zo_rank", "lozo_interval", "subzero_interval",
-                     mode="before")
+                     "loss_chunks", mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

@@ -49,7 +49,7 @@ class Run(Config):
         [Method.ZO_SGD], description="Optimization method, a list of methods, or `all`.")
     tier: TierName | None = Field(None, description="Estimator for this run (default: the plan's tier).")
 
-    @field_validator("scheme", "dtype", "attention", "perturbation", "hf_version", mode="before")
+    @field_validator("scheme", "dtype", "attention", "perturbation", "hf_version", "loss", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         choice = cls.model_fields[info.field_name].annotation

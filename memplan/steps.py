@@ -24,9 +24,10 @@ from memplan.build import (  # noqa: F401  (the model factory, re-exported for o
     trainable,
 )
 from memplan import _compat
+from memplan.arch._common import chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Config
+from memplan.options import Config, Loss
 
 LR = 1e-3
 ZO_EPS = 1e-3  # MeZO / ZO-Bench default
@@ -106,6 +107,10 @@ class Step:
             self.warnings.append("gradient checkpointing only changes first-order methods; ignored")
         self.optimizer = m.optimizer([p for _, p in self.params], config, lr) if m.optimizer else None
         self.masked_lm = is_masked_lm(_base_config(model))
+        if config.loss is Loss.CHUNKED:
+            refuse = chunked_loss_refusal(config, masked=self.masked_lm)
+            if refuse:
+                raise MemplanError(refuse)
         self.device_type = next(model.parameters()).device.type
         self.warnings += m.warnings(config)
 
@@ -130,6 +135,13 @@ class Step:
             kw["use_cache"] = self.config.use_cache
         return kw
 
+    def loss(self, batch: dict, model=None):
+        """The loss of one forward of `model` (default: the step's) on `batch`, as `config.loss` asks."""
+        model = self.model if model is None else model
+        if self.config.loss is Loss.CHUNKED:
+            return chunked_loss(model, self.kwargs(batch), self.config.loss_chunks)
+        return model(**self.kwargs(batch)).loss
+
     def tag_optimizer_state(self, params) -> None:
         import torch
 
@@ -140,6 +152,33 @@ class Step:
                     (host if k == "step" else state).append(v)
         self.hooks.tag(Category.OPTIMIZER_STATE, state)
         self.hooks.host(host)
+
+
+def chunked_loss(model, kwargs: dict, chunks: int):
+    """Mean token cross-entropy with the lm_head, fp32 upcast and loss run per chunk of the sequence.
+
+    The base model returns hidden states (no logits); each chunk's `lm_head(h).float()` and
+    `cross_entropy(reduction='sum')` follow, summed and divided by the counted tokens: transformers'
+    ForCausalLMLoss (labels shifted left, -100 appended and ignored), without the whole fp32 logits.
+    Autograd still saves each chunk's log-softmax output for backward (nothing is recomputed).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    kw = dict(kwargs)
+    labels = kw.pop("labels")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = getattr(base, base.base_model_prefix)(**kw).last_hidden_state
+    head = base.get_output_embeddings()
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+    total = None
+    for h, y in zip(hidden.chunk(chunks, dim=1), shifted.chunk(chunks, dim=1)):
+        logits = head(h).float()
+        part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        del logits
+        total = part if total is None else total + part
+    return total / (shifted != -100).sum()
 
 
 def z_like(p):

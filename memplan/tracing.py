@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.result import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Scheme
+from memplan.options import Attention, Config, Loss, Scheme
 
 
 @dataclass
@@ -102,9 +102,11 @@ def trace_step(config: Config, *, real: bool = False,
         model = fake_model(config, mode)
     base = getattr(model, "config", None) or model.base_model.config
     rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real,
-                        logits_numels=(config.batch * rows * base.vocab_size,
-                                       config.batch * (rows - 1) * base.vocab_size))
+    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
+    if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
+        piece = -(-rows // config.loss_chunks)
+        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
+    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels))
     seen: dict[int, object] = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen.setdefault(id(t), t)

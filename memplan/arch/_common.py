@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from memplan.options import Attention, Config, Scheme
+from memplan.overhead import round_block
 
 if TYPE_CHECKING:
     from memplan.arch import Arch
@@ -191,6 +192,56 @@ def causal_logits_backward(ctx: Ctx) -> int:
     The logits themselves died with the model output; all three are in the loss dtype.
     """
     return ctx.tokens * ctx.spec.vocab_size * 3 * ctx.arch.loss(ctx)[1]
+
+
+def chunk_tokens(ctx: Ctx) -> int:
+    """Tokens in the largest chunk of `--loss chunked`: torch.chunk cuts seq into pieces of ceil(seq / n)."""
+    return ctx.cfg.batch * -(-ctx.seq_q // ctx.cfg.loss_chunks)
+
+
+def chunked_logits_forward(ctx: Ctx) -> tuple[int, int]:
+    """(kept, transient) bytes of `--loss chunked` at the last chunk of the forward pass.
+
+    Per chunk of Tc tokens: lm_head's logits (cb) die once `.float()` has copied them, and the fp32
+    logits (the upcast, or the logits themselves in fp32) live while log_softmax writes its fp32
+    output: Tc * V * max(cb + up, 4 + loss). With autograd every chunk's log_softmax output stays
+    saved for backward, so the earlier chunks keep (T - Tc) * V * loss; a no-grad forward keeps nothing.
+    """
+    v, tc = ctx.spec.vocab_size, chunk_tokens(ctx)
+    up, loss = ctx.arch.loss(ctx)
+    kept = (ctx.tokens - tc) * v * loss + head_casts(ctx) if ctx.cfg.method.is_fo else 0
+    return kept, tc * v * max(ctx.cb + up, 4 + loss)
+
+
+def head_casts(ctx: Ctx) -> int:
+    """Autocast casts a frozen lm_head once per call and each chunk's backward keeps its own 16-bit
+    copy: (chunks - 1) * V * width * cb beyond the one copy the full loss keeps (a trainable head
+    sits in the cast cache, cast once)."""
+    if not ctx.amp or ctx.trains:
+        return 0
+    piece = -(-ctx.seq_q // ctx.cfg.loss_chunks)
+    chunks = -(-ctx.seq_q // piece)
+    return (chunks - 1) * round_block(ctx.spec.vocab_size * ctx.spec.word_embed_proj_dim * ctx.cb)
+
+
+def chunked_logits_backward(ctx: Ctx) -> int:
+    """Bytes of `--loss chunked`'s backward at its peak: every chunk's saved log_softmax output, and,
+    for the first chunk it reaches (the last one), the nll gradient and the log_softmax gradient:
+    T * V * loss + 2 * Tc * V * loss."""
+    loss = ctx.arch.loss(ctx)[1]
+    return (ctx.tokens + 2 * chunk_tokens(ctx)) * ctx.spec.vocab_size * loss + head_casts(ctx)
+
+
+def chunked_loss_refusal(cfg: Config, *, masked: bool) -> str | None:
+    """Why `--loss chunked` cannot run this configuration, or None."""
+    if masked:
+        return "--loss chunked needs a causal LM; masked-LM heads (roberta) compute their loss in full"
+    if cfg.method.family == "fg":
+        return "--loss chunked is not modelled for forward-grad (its dual forward calls the model whole)"
+    if cfg.scheme in (Scheme.PREFIX, Scheme.PROMPT):
+        return (f"--loss chunked supports --scheme ft and lora; --scheme {cfg.scheme.value} feeds its "
+                "virtual tokens through peft's own forward")
+    return None
 
 
 def v4_28_logits_forward(ctx: Ctx) -> tuple[int, int]:

@@ -82,7 +82,7 @@ def run(step, batch):
     step.optimizer.zero_grad(set_to_none=True)
     h.phase(Phase.FORWARD)
     with step.autocast():
-        loss = step.model(**step.kwargs(batch)).loss  # the output (and its logits) dies here
+        loss = step.loss(batch)  # the output (and its logits) dies here
     h.phase(Phase.BACKWARD)
     loss.backward()
     ps = [p for _, p in step.params]

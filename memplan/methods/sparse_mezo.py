@@ -185,7 +185,7 @@ def forward(step, batch, seed: int, scale: float):
         handles.append(module.register_forward_hook(post))
     try:
         with torch.no_grad(), step.autocast():
-            loss = step.model(**step.kwargs(batch)).loss.detach()
+            loss = step.loss(batch).detach()
     finally:
         for handle in handles:
             handle.remove()

@@ -117,7 +117,7 @@ def forward(step, batch):
 
     step.hooks.phase(Phase.FORWARD)
     with torch.no_grad(), step.autocast():
-        return step.model(**step.kwargs(batch)).loss.detach()
+        return step.loss(batch).detach()
 
 
 def two_sided(step, batch, seed: int, move=None):

