@@ -210,7 +210,7 @@ def parse(text: str, name: str = "plan.yaml", *, base: Path | None = None, fmt: 
     try:
         plan = Plan.model_validate(data, context={"base": base})
     except ValidationError as e:
-        messages = yamlfile.error_messages(e, tree, _valid_keys)
+        messages = yamlfile.error_messages(e, tree, _valid_keys, listing="memplan schema")
         raise MemplanError(f"{name}: {yamlfile.one_line(messages)}") from None
     lines = tuple(line_of(tree, ("runs", i)) if tree is not None else None for i in range(len(plan.runs)))
     return PlanFile(path=name, plan=plan, run_lines=lines)

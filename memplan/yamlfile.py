@@ -199,13 +199,18 @@ def path_of(loc: tuple) -> str:
     return out
 
 
-def describe(err: dict, valid_keys: Callable[[tuple], Iterable[str]]) -> str:
-    """One pydantic error in the file's words: what is wrong, what is valid."""
+LISTED_KEYS = 12  # more valid keys than this: name the command that lists them, not all of them
+
+
+def describe(err: dict, valid_keys: Callable[[tuple], Iterable[str]], listing: str | None = None) -> str:
+    """One pydantic error in the file's words: what is wrong, what is valid (or where it is listed)."""
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "missing":
         return "required key missing"
     if kind == "extra_forbidden":
-        return str(unknown("key", str(err["loc"][-1]), valid_keys(err["loc"])))
+        valid = list(valid_keys(err["loc"]))
+        return str(unknown("key", str(err["loc"][-1]), valid,
+                           listing=listing if listing and len(valid) > LISTED_KEYS else None))
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
@@ -217,7 +222,8 @@ def describe(err: dict, valid_keys: Callable[[tuple], Iterable[str]]) -> str:
     return f"{err['msg']}, got {show(got)}"
 
 
-def error_messages(e: Any, tree: Any, valid_keys: Callable[[tuple], Iterable[str]]) -> list[str]:
+def error_messages(e: Any, tree: Any, valid_keys: Callable[[tuple], Iterable[str]],
+                   listing: str | None = None) -> list[str]:
     """Each error of a pydantic ValidationError as `key.path: what is wrong (line N)`."""
     out = []
     for err in e.errors(include_url=False):
@@ -226,7 +232,7 @@ def error_messages(e: Any, tree: Any, valid_keys: Callable[[tuple], Iterable[str
             out.append(str(err["ctx"]["error"]))
             continue
         line = line_of(tree, loc) if tree is not None else None
-        out.append(f"{path_of(loc)}: {describe(err, valid_keys)}" + (f" (line {line})" if line else ""))
+        out.append(f"{path_of(loc)}: {describe(err, valid_keys, listing)}" + (f" (line {line})" if line else ""))
     return out
 
 

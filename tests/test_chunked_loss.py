@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from memplan.api import estimate_config
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward
-from memplan.options import Config
+from memplan.options import Config, Method
 from memplan.result import Category
 from tiny import TINY_LLAMA, write
 
@@ -57,19 +59,22 @@ def _errors(cfg: Config) -> tuple[float, int, int]:
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "amp-bf16"])
 @pytest.mark.parametrize("scheme", ["ft", "lora"])
 @pytest.mark.parametrize("model", ["llama", "opt-125m"])
-def test_analytic_within_1_percent_of_the_trace(request, llama, model, method, dtype, scheme):
+def test_analytic_against_the_trace(request, llama, model, method, dtype, scheme):
     # OPT-125m at 4 x 128 tokens: its fp32 logits (4 x 128 x 50272 x 4 B = 103 MB) are a large
     # part of every FO peak; the tiny Llama's 32000-wide vocabulary dominates at 2 x 64.
     size = dict(batch=2, seq=64) if model == "llama" else dict(batch=4, seq=128)
     cfg = Config(model=llama if model == "llama" else model, method=method, dtype=dtype, scheme=scheme,
                  loss="chunked", loss_chunks=4, **size)
-    if (model, scheme, method) == ("opt-125m", "ft", "fo-sgd") and dtype != "amp-bf16" \
-            or (model, scheme, method, dtype) == ("opt-125m", "lora", "zo-sgd", "amp-bf16"):
-        # Known gaps, measured: -2.7 % (a tied lm_head's gradient made while chunks' logits are
-        # still alive) and -6.9 % (no-grad autocast casts of the frozen head per chunk). Not modelled yet.
-        pytest.xfail("chunked loss: known analytic gap on OPT-125m, see the comment")
     err, analytic, traced = _errors(cfg)
-    assert abs(err) < 0.01, (analytic, traced)
+    if (model, scheme, method) == ("opt-125m", "ft", "fo-sgd") and dtype != "amp-bf16":
+        # Known gap, measured -2.7 %: a tied lm_head's gradient made while chunks' logits are still
+        # alive, not modelled yet. Held to what it is, so a change in either direction is seen.
+        assert -0.03 < err < -0.02, (analytic, traced)
+    elif (model, scheme, method, dtype) == ("opt-125m", "lora", "zo-sgd", "amp-bf16"):
+        # Known gap, measured -6.9 %: no-grad autocast casts of the frozen head per chunk, not modelled yet.
+        assert -0.075 < err < -0.06, (analytic, traced)
+    else:
+        assert abs(err) < 0.01, (analytic, traced)
 
 
 def test_logits_drop_by_all_but_one_chunk(llama):
@@ -116,3 +121,15 @@ def test_bad_input_one_line_exit_2(run_cli, args, message):
 def test_masked_lm_refuses_chunked(run_cli):
     code, _, err = run_cli("fit", "roberta-base", "--loss", "chunked")
     assert code == 2 and "needs a causal LM" in err
+
+
+def test_method_all_leaves_out_a_method_that_cannot_take_the_options(run_cli):
+    # forward-grad refuses --loss chunked: `-m all` answers for the others and says which was left out;
+    # naming forward-grad alone is bad input.
+    code, out, err = run_cli("fit", "opt-125m", "-m", "all", "--loss", "chunked", "--json")
+    methods = [e["method"] for e in json.loads(out)["estimates"]]
+    assert code == 0 and "forward-grad" not in methods and len(methods) == len(Method) - 1
+    assert err.strip() == ("memplan: note: forward-grad left out: --loss chunked is not modelled for "
+                           "forward-grad (its dual forward calls the model whole)")
+    code, out, err = run_cli("fit", "opt-125m", "-m", "forward-grad", "--loss", "chunked")
+    assert code == 2 and err.startswith("memplan: error: --loss chunked is not modelled for forward-grad")

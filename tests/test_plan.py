@@ -64,7 +64,7 @@ def test_json_plan_and_method_all():
 
 @pytest.mark.parametrize("old, new, message", [
     ("batch: 16", "batch: 0", r"^plan\.yaml: runs\[0\]\.batch: must be >= 1, got 0 \(line 9\)$"),
-    ("batch: 16", "batchh: 16", r"runs\[0\]\.batchh: unknown key 'batchh' \(did you mean batch\?\); valid: .*seq"),
+    ("batch: 16", "batchh: 16", r"runs\[0\]\.batchh: unknown key 'batchh' \(did you mean batch\?\); `memplan schema` lists them all"),
     ("zo-sgd,", "zo-sdg,", r"runs\[0\]\.method: unknown method 'zo-sdg' \(did you mean zo-sgd"),
     ("[h100]", "[h10]", r"gpus: unknown GPU 'h10' \(did you mean h100"),
     ("facebook/opt-13b", "opt-13", r"runs\[0\]\.model: unknown model 'opt-13' \(did you mean opt-13b"),

@@ -31,8 +31,13 @@ def estimates_command(tier: str):
 
         configs = [make_config(model, m, options) for m in parse_methods(method or None)]
         the_gpu = resolve_gpu(gpu)
+        # `--method all` means every method that can take these options: one that cannot is left out
+        # with a line on stderr; a method named on its own that cannot is an error.
+        asked_all = any(name.strip().lower() == "all" for chunk in method or () for name in chunk.split(","))
         run = _traced if tier == "trace" else _analytic
-        estimates, notes = run(configs, the_gpu, as_json)
+        (estimates, left_out), notes = run(configs, the_gpu, as_json, skip_unsupported=asked_all)
+        for line in left_out:  # on stderr in both modes: a JSON reader must learn a method is missing
+            typer.echo(f"memplan: note: {line}", err=True)
         render(estimates, as_json=as_json, notes=notes)
         raise typer.Exit(exit_code(estimates))
 
@@ -43,23 +48,42 @@ def estimates_command(tier: str):
     return command
 
 
-def _analytic(configs: list, gpu, as_json: bool) -> tuple[list, list[str]]:
-    """Analytic estimates, and what would make each non-fitting one fit."""
+def _each(configs: list, estimate, *, skip_unsupported: bool) -> tuple[list, list[str]]:
+    """`estimate(config)` of each config; with `skip_unsupported`, a config it refuses (bad input for
+    that method alone) is left out with a note, as long as one remains."""
+    from memplan.errors import MemplanError
+
+    out, notes, first = [], [], None
+    for c in configs:
+        try:
+            out.append(estimate(c))
+        except MemplanError as e:
+            if not skip_unsupported:
+                raise
+            first = first or e
+            notes.append(f"{c.method.value} left out: {e}")
+    if not out:
+        raise first
+    return out, notes
+
+
+def _analytic(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = False):
+    """((estimates, methods left out), what would make each non-fitting one fit)."""
     from memplan.api import estimate_config
     from memplan.spec import resolve
 
     spec = resolve(configs[0].model)
-    estimates = [estimate_config(c, gpu, spec=spec) for c in configs]
-    misfits = [e for e in estimates if e.fits is False]
+    done = _each(configs, lambda c: estimate_config(c, gpu, spec=spec), skip_unsupported=skip_unsupported)
+    misfits = [e for e in done[0] if e.fits is False]
     if not misfits:
-        return estimates, []
+        return done, []
     from memplan.suggest import suggestions  # only a misfit needs it (and the margin module it brings)
 
-    return estimates, [line for e in misfits for line in suggestions(e, spec, gpu)]
+    return done, [line for e in misfits for line in suggestions(e, spec, gpu)]
 
 
-def _traced(configs: list, gpu, as_json: bool) -> tuple[list, list[str]]:
-    """Trace estimates, with a live status line on a terminal."""
+def _traced(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = False):
+    """((trace estimates, methods left out), no notes), with a live status line on a terminal."""
     import sys
 
     from memplan.errors import MemplanError
@@ -69,15 +93,15 @@ def _traced(configs: list, gpu, as_json: bool) -> tuple[list, list[str]]:
     if configs[0].hf_version is not HfVersion.CURRENT:
         raise MemplanError("--hf-version: the trace runs the installed transformers; only 'current' applies")
     if as_json or not sys.stderr.isatty():
-        return [trace(c, gpu=gpu) for c in configs], []
+        return _each(configs, lambda c: trace(c, gpu=gpu), skip_unsupported=skip_unsupported), []
     from rich.console import Console
 
-    out = []
-    for c in configs:
+    def traced(c):
         with Console(stderr=True).status(f"tracing {c.method.value}") as status:
-            out.append(trace(c, gpu=gpu, on_phase=lambda label, ph, m=c.method.value: status.update(
-                f"tracing {m}: {label} step, {ph.value}")))
-    return out, []
+            return trace(c, gpu=gpu, on_phase=lambda label, ph: status.update(
+                f"tracing {c.method.value}: {label} step, {ph.value}"))
+
+    return _each(configs, traced, skip_unsupported=skip_unsupported), []
 
 
 fit = estimates_command("analytic")
