@@ -59,8 +59,9 @@ def timings(cmds: dict[str, list[str]], repeat: int = 31) -> dict[str, tuple[flo
     return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in cmds}
 
 
-# A bare typer app with one command of as many options that prints one rich table of the fit
-# table's shape (one row per method, 12 columns): what typer and rich themselves cost to answer.
+# A bare typer app with one command of as many options as `fit` (17 written out, the rest added to
+# match) that prints one rich table of the fit table's shape (one row per method, 12 columns): what
+# typer and rich themselves cost to answer.
 BARE_TYPER = """
 from typing import Optional
 import typer, rich, pydantic
@@ -74,7 +75,7 @@ def fit(model: str = typer.Argument(...), method: Optional[list[str]] = typer.Op
         o1: str = "ft", o2: str = "fp16", o3: int = 1, o4: int = 512, o5: str = "sdpa",
         o6: Optional[str] = None, o7: int = 8, o8: int = 16, o9: Optional[str] = None, o10: int = 5,
         o11: int = 10, o12: bool = typer.Option(False, "--o12"), o13: str = "mezo", o14: int = 1,
-        o15: str = "current", o16: bool = typer.Option(False, "--o16"), o17: bool = typer.Option(False, "--json")):
+        o15: str = "current", o16: bool = typer.Option(False, "--o16"), o17: bool = typer.Option(False, "--json")EXTRA):
     table = Table(title=f"{model} · ft · fp16 · batch 1 x seq 512")
     for c in range(12):
         table.add_column(f"col {c}", justify="right")
@@ -89,9 +90,12 @@ def main() -> None:
     n, seconds = sweep()
     print(f"sweep: {n} configs in {seconds:.3f} s = {n / seconds:,.0f} estimates/s (target: <= 1 s)")
     fit_cmd = [sys.executable, "-m", "memplan", "fit", "opt-13b", "--method", "all"]
-    from memplan.options import Method
+    from memplan.options import Config, Method
 
-    bare = BARE_TYPER.replace("ROWS", str(len(Method)))
+    # As many options as fit has: Config's fields other than model and method, plus --gpu and --json.
+    extra = len(Config.model_fields) - 2 + 2 - 17
+    bare = BARE_TYPER.replace("ROWS", str(len(Method))).replace(
+        "EXTRA", "".join(f", x{i}: int = {i}" for i in range(max(0, extra))))
     t = timings({"base": [sys.executable, "-c", "import typer, rich, pydantic"], "bare": [sys.executable, "-c", bare],
                  "fit": fit_cmd, "fit_gpu": fit_cmd + ["--gpu", "h100"]})
     (bw, bc) = t["bare"]

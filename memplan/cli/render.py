@@ -43,7 +43,7 @@ def add_columns(table, names: tuple[str, ...], rows: list[tuple], left: tuple[st
     from rich.text import Text
 
     def text(cell: str) -> Text:
-        return Text.from_markup(cell) if "[" in cell else Text(cell)
+        return Text.from_markup(cell, emoji=False) if "[" in cell else Text(cell)
 
     def width(t: Text) -> int:
         return max(Text(line).cell_len for line in t.plain.split("\n")) if "\n" in t.plain else t.cell_len
@@ -90,7 +90,7 @@ def indented(text: str, by: int = 2):
     from rich.padding import Padding
     from rich.text import Text
 
-    return Padding(Text.from_markup(text), (0, 0, 0, by))
+    return Padding(Text.from_markup(text, emoji=False), (0, 0, 0, by))
 
 
 def _estimate_cells(e: Estimate) -> dict[str, str]:
@@ -208,7 +208,7 @@ def check_groups(results: list) -> list:
 
     left = ("gpu", "method", "phase", "verdict")
     rows = [_check_cells(r) for r in results]
-    widths = [max([Text.from_markup(row[i]).cell_len for row in rows] + [len(x) for x in name.split("\n")])
+    widths = [max([Text.from_markup(row[i], emoji=False).cell_len for row in rows] + [len(x) for x in name.split("\n")])
               for i, name in enumerate(_CHECK_COLUMNS)]
 
     def table(show_header: bool):
