@@ -18,7 +18,7 @@ from memplan.pipeline import family_of
 from memplan.spec import resolve
 from memplan.steps import Step, build_model, make_batch
 from memplan.tracing import trace_step
-from tiny import TINY_LLAMA, TINY_OPT, write
+from tiny import TINY_LLAMA, TINY_OPT, write, fp64_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
 from analytic_vs_trace import LLAMA_GQA  # noqa: E402
@@ -61,18 +61,11 @@ def test_perturbation_round_trip_restores_the_weights(tmp_path, mode):
         assert torch.all((p.detach() - before[n]).abs() <= bound), n
 
 
-def _fp64_loss(logits, labels, vocab_size, **_):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1))
-
-
 def test_the_difference_quotient_is_the_derivative_along_z_over_sqrt_h(tmp_path):
     # fp64, no dropout: (f(w + eps v) - f(w - eps v)) / 2 eps = grad . v + O(eps^2) with v = z / sqrt(H).
     c = _cfg(write(tmp_path, TINY_OPT), attention="sdpa")
     torch.manual_seed(0)
-    model = build_model(c).double()
-    model.loss_function = _fp64_loss
-    model.eval()
-    batch = make_batch(c, model)
+    model, batch = fp64_model(c)  # fp64, no dropout
     params = [p for _, p in model.named_parameters()]
     grad = torch.autograd.grad(model(**batch, use_cache=False).loss, params)
     step = Step(c, model, eps=1e-6)

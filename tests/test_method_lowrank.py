@@ -16,7 +16,7 @@ from memplan.result import Category
 from memplan.spec import resolve
 from memplan.steps import Step, build_model, make_batch
 from memplan.tracing import trace_step
-from tiny import TINY_LLAMA, TINY_OPT, write
+from tiny import TINY_OPT, fp64_model, write
 
 METHODS = ["lozo", "lozo-m", "subzero"]
 
@@ -47,10 +47,6 @@ def test_perturbation_round_trip_restores_the_weights(opt, method, mode):
         assert torch.allclose(p.detach(), before[n], rtol=1e-6, atol=1e-7), n
 
 
-def _fp64_loss(logits, labels, vocab_size, **_):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1))
-
-
 def _directions(method, step, seed):
     """The direction each tensor moved along in the step drawn from `seed` (u v^T, U z0 V c, or z)."""
     torch.manual_seed(seed)
@@ -63,10 +59,7 @@ def _directions(method, step, seed):
 def test_projected_gradient_is_the_directional_derivative_along_the_low_rank_direction(tmp_path, method):
     torch.manual_seed(0)
     c = _cfg(write(tmp_path, TINY_OPT), method=method, attention="sdpa")
-    model = build_model(c).double()
-    model.loss_function = _fp64_loss
-    model.eval()
-    batch = make_batch(c, model)
+    model, batch = fp64_model(c)  # fp64, no dropout
     params = [p for _, p in model.named_parameters()]
     grad = torch.autograd.grad(model(**batch, use_cache=False).loss, params)
     step = Step(c, model, lr=0.0, eps=1e-6, seed=3)

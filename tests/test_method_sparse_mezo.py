@@ -14,7 +14,7 @@ from memplan.result import Category as C
 from memplan.result import Phase
 from memplan.steps import Step, build_model, make_batch
 from memplan.tracing import trace_step
-from tiny import TINY_LLAMA, TINY_OPT, write
+from tiny import TINY_OPT, fp64_model, write
 
 
 @pytest.fixture
@@ -72,18 +72,11 @@ def test_update_moves_only_the_small_entries_and_keeps_one_threshold_per_tensor(
     assert step.state[sm.STATE_KEY] is hs  # computed once, then kept
 
 
-def _fp64_loss(logits, labels, vocab_size, **_):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1))
-
-
 def test_projected_gradient_is_the_directional_derivative_along_the_masked_direction(tmp_path):
     """fp64: (f(w + eps m z) - f(w - eps m z)) / 2 eps = grad . (m z) + O(eps^2)."""
     torch.manual_seed(0)
     c = _cfg(write(tmp_path, TINY_OPT), attention="sdpa", zo_sparsity=0.5)
-    model = build_model(c).double()
-    model.loss_function = _fp64_loss
-    model.eval()
-    batch = make_batch(c, model)
+    model, batch = fp64_model(c)  # fp64, no dropout
     loss = model(**batch, use_cache=False).loss
     step = Step(c, model, eps=1e-6)
     params = [p for _, p in step.params]

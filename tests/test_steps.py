@@ -8,7 +8,7 @@ import torch
 from memplan.options import Config, Method
 from memplan.methods import zo
 from memplan.steps import Step, build_model, make_batch
-from tiny import TINY_LLAMA, TINY_OPT, write
+from tiny import TINY_LLAMA, TINY_OPT, write, fp64_model
 
 
 @pytest.fixture
@@ -41,11 +41,6 @@ def test_perturbation_restores_weights_within_fp32_rounding(opt, mode):
         assert torch.all((p.detach() - w).abs() <= bound), n
 
 
-def _fp64_loss(logits, labels, vocab_size, **_):
-    """transformers' causal LM loss, without its upcast to fp32 (which would swamp a finite difference)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1))
-
-
 def test_zo_projected_gradient_is_the_directional_derivative(tmp_path):
     """fp64: per seed, (f(w+eps z) - f(w-eps z)) / 2eps = grad . z + O(eps^2); averaged, E[g z . u] = grad . u.
 
@@ -53,10 +48,7 @@ def test_zo_projected_gradient_is_the_directional_derivative(tmp_path):
     """
     torch.manual_seed(0)
     c = _cfg(write(tmp_path, TINY_OPT), dtype="fp32", attention="sdpa")  # eager softmaxes in fp32
-    model = build_model(c).double()
-    model.loss_function = _fp64_loss
-    model.eval()  # no dropout: f is deterministic
-    batch = make_batch(c, model)
+    model, batch = fp64_model(c)  # fp64, no dropout
     loss = model(**batch, use_cache=False).loss
     params = [p for _, p in model.named_parameters()]
     grad = torch.autograd.grad(loss, params)
@@ -82,10 +74,7 @@ def test_zo_projected_gradient_is_the_directional_derivative(tmp_path):
 def test_forward_grad_jvp_equals_autograd_directional_derivative(opt):
     torch.manual_seed(0)
     c = _cfg(opt, method="forward-grad", attention="sdpa")  # sdpa's math path: fp64 throughout
-    model = build_model(c).double()
-    model.loss_function = _fp64_loss
-    model.eval()
-    batch = make_batch(c, model)
+    model, batch = fp64_model(c)  # fp64, no dropout
     params = [p for _, p in model.named_parameters()]
     loss = model(**batch, use_cache=False).loss
     grad = torch.autograd.grad(loss, params)

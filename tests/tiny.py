@@ -18,3 +18,21 @@ def write(tmp_path, cfg: dict, name: str = "config.json") -> str:
     path = tmp_path / name
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def fp64_loss(logits, labels, vocab_size, **_):
+    """transformers' causal LM loss, without its upcast to fp32 (which would swamp a finite difference)."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1))
+
+
+def fp64_model(cfg):
+    """(model, batch): `cfg`'s model in fp64 with that loss, in eval mode (no dropout: f is
+    deterministic), for finite differences against autograd."""
+    from memplan.build import build_model, make_batch
+
+    model = build_model(cfg).double()
+    model.loss_function = fp64_loss
+    model.eval()
+    return model, make_batch(cfg, model)
