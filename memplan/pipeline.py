@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from memplan import analytic, corrections, hardware
+from memplan.errors import MemplanError
 from memplan.options import Config
 from memplan.overhead import add_overheads, workspace_bytes
 from memplan.result import Category, Estimate, GpuRef, Phase, Tier
@@ -259,3 +260,21 @@ def estimate_all(model: str, methods="all", *, gpu: str | hardware.Gpu | None = 
     cfgs = [Config.make(model=model, method=m, **options) for m in parse_methods(names, where="methods")]
     spec = resolve(cfgs[0].model)
     return [estimate_config(c, the_gpu, search=search, spec=spec) for c in cfgs]
+
+
+def each(configs: list, estimate, *, leave_out_refused: bool) -> tuple[list, list[str]]:
+    """(`estimate(config)` of each config, notes). With `leave_out_refused` (a user asked for every
+    method), a config whose method refuses the options (bad input for that method alone) is left out
+    with a note, as long as one remains; otherwise the refusal is the answer."""
+    out, notes, first = [], [], None
+    for cfg in configs:
+        try:
+            out.append(estimate(cfg))
+        except MemplanError as e:
+            if not leave_out_refused:
+                raise
+            first = first or e
+            notes.append(f"{cfg.method.value} left out: {e}")
+    if not out:
+        raise first
+    return out, notes

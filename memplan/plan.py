@@ -301,10 +301,14 @@ def _estimator(tier: str):
     return lambda cfg, gpu, spec: estimate_config(cfg, gpu, search=False, spec=spec, tier=found.tier)
 
 
-def check(pf: PlanFile) -> list[Result]:
-    """Every run x GPU x method of a plan, judged against total - margin, with fixes for the misfits."""
+def check(pf: PlanFile, notes: list[str] | None = None) -> list[Result]:
+    """Every run x GPU x method of a plan, judged against total - margin, with fixes for the misfits.
+
+    A run with `method: all` leaves out a method that refuses its options; `notes` gets a line for it.
+    """
     from memplan.api import judge
     from memplan.hardware import get_gpu
+    from memplan.pipeline import each
     from memplan.spec import resolve
     from memplan.suggest import fixes
 
@@ -316,9 +320,13 @@ def check(pf: PlanFile) -> list[Result]:
         estimate = _estimator(run.tier or plan.tier)
         spec = resolve(run.model)
         line = pf.run_lines[i] if i < len(pf.run_lines) else None
+        every = set(run.method) == set(Method)
         for gpu in gpus:
-            for cfg in run.configs():
-                est = judge(estimate(cfg, gpu, spec), gpu)
+            ests, left_out = each(run.configs(), lambda cfg: judge(estimate(cfg, gpu, spec), gpu),
+                                  leave_out_refused=every)
+            if notes is not None and gpu is gpus[0]:
+                notes.extend(f"{name}: {n}" for n in left_out)
+            for est in ests:
                 result = Result(pf.path, name, line, gpu.name, gpu.total_bytes, margin.bytes_of(gpu.total_bytes), est)
                 if not result.fits:
                     result.fixes = fixes(est, spec, gpu, margin=margin)

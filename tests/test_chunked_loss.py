@@ -133,3 +133,15 @@ def test_method_all_leaves_out_a_method_that_cannot_take_the_options(run_cli):
                            "forward-grad (its dual forward calls the model whole)")
     code, out, err = run_cli("fit", "opt-125m", "-m", "forward-grad", "--loss", "chunked")
     assert code == 2 and err.startswith("memplan: error: --loss chunked is not modelled for forward-grad")
+
+
+def test_a_plan_run_with_every_method_leaves_out_the_same(run_cli, tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("gpus: [h100-80gb]\nruns:\n  - {name: r, model: opt-125m, method: all, loss: chunked}\n")
+    code, out, err = run_cli("check", str(plan), "--json")
+    methods = {r["method"] for r in json.loads(out)["results"]}
+    assert code == 0 and "forward-grad" not in methods and len(methods) == len(Method) - 1
+    assert err.strip() == ("memplan: note: r: forward-grad left out: --loss chunked is not modelled for "
+                           "forward-grad (its dual forward calls the model whole)")
+    plan.write_text("gpus: [h100-80gb]\nruns:\n  - {name: r, model: opt-125m, method: forward-grad, loss: chunked}\n")
+    assert run_cli("check", str(plan))[0] == 2

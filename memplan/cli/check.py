@@ -27,7 +27,10 @@ def check(
     if junit is not None and not junit.strip():
         raise MemplanError("--junit: the path is empty; name a file, e.g. --junit memplan-report.xml")
     files = [plan.load(p) for p in plans]  # every file is valid before any is checked
-    results = [r for pf in files for r in plan.check(pf)]
+    notes: list[str] = []
+    results = [r for pf in files for r in plan.check(pf, notes)]
+    for line in notes:  # stderr in every mode: a JSON or JUnit reader must learn a method is missing
+        typer.echo(f"memplan: note: {line}", err=True)
     misfits = [r for r in results if not r.fits]
     if junit is not None:
         try:

@@ -35,7 +35,7 @@ def estimates_command(tier: str):
         # with a line on stderr; a method named on its own that cannot is an error.
         asked_all = any(name.strip().lower() == "all" for chunk in method or () for name in chunk.split(","))
         run = _traced if tier == "trace" else _analytic
-        (estimates, left_out), notes = run(configs, the_gpu, as_json, skip_unsupported=asked_all)
+        (estimates, left_out), notes = run(configs, the_gpu, as_json, leave_out_refused=asked_all)
         for line in left_out:  # on stderr in both modes: a JSON reader must learn a method is missing
             typer.echo(f"memplan: note: {line}", err=True)
         render(estimates, as_json=as_json, notes=notes)
@@ -48,32 +48,14 @@ def estimates_command(tier: str):
     return command
 
 
-def _each(configs: list, estimate, *, skip_unsupported: bool) -> tuple[list, list[str]]:
-    """`estimate(config)` of each config; with `skip_unsupported`, a config it refuses (bad input for
-    that method alone) is left out with a note, as long as one remains."""
-    from memplan.errors import MemplanError
-
-    out, notes, first = [], [], None
-    for c in configs:
-        try:
-            out.append(estimate(c))
-        except MemplanError as e:
-            if not skip_unsupported:
-                raise
-            first = first or e
-            notes.append(f"{c.method.value} left out: {e}")
-    if not out:
-        raise first
-    return out, notes
-
-
-def _analytic(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = False):
+def _analytic(configs: list, gpu, as_json: bool, *, leave_out_refused: bool = False):
     """((estimates, methods left out), what would make each non-fitting one fit)."""
     from memplan.api import estimate_config
+    from memplan.pipeline import each
     from memplan.spec import resolve
 
     spec = resolve(configs[0].model)
-    done = _each(configs, lambda c: estimate_config(c, gpu, spec=spec), skip_unsupported=skip_unsupported)
+    done = each(configs, lambda c: estimate_config(c, gpu, spec=spec), leave_out_refused=leave_out_refused)
     misfits = [e for e in done[0] if e.fits is False]
     if not misfits:
         return done, []
@@ -82,18 +64,19 @@ def _analytic(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = Fal
     return done, [line for e in misfits for line in suggestions(e, spec, gpu)]
 
 
-def _traced(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = False):
+def _traced(configs: list, gpu, as_json: bool, *, leave_out_refused: bool = False):
     """((trace estimates, methods left out), no notes), with a live status line on a terminal."""
     import sys
 
     from memplan.errors import MemplanError
     from memplan.options import HfVersion
+    from memplan.pipeline import each
     from memplan.tracing import trace
 
     if configs[0].hf_version is not HfVersion.CURRENT:
         raise MemplanError("--hf-version: the trace runs the installed transformers; only 'current' applies")
     if as_json or not sys.stderr.isatty():
-        return _each(configs, lambda c: trace(c, gpu=gpu), skip_unsupported=skip_unsupported), []
+        return each(configs, lambda c: trace(c, gpu=gpu), leave_out_refused=leave_out_refused), []
     from rich.console import Console
 
     def traced(c):
@@ -101,7 +84,7 @@ def _traced(configs: list, gpu, as_json: bool, *, skip_unsupported: bool = False
             return trace(c, gpu=gpu, on_phase=lambda label, ph: status.update(
                 f"tracing {c.method.value}: {label} step, {ph.value}"))
 
-    return _each(configs, traced, skip_unsupported=skip_unsupported), []
+    return each(configs, traced, leave_out_refused=leave_out_refused), []
 
 
 fit = estimates_command("analytic")
