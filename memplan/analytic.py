@@ -19,7 +19,7 @@ from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Loss, Scheme
+from memplan.options import Attention, Config, Loss, Offload, Scheme, Sharding
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -28,7 +28,23 @@ ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=
 Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 
+def not_modelled(cfg: Config) -> str | None:
+    """Options a tier accepts in `Config` but cannot estimate yet, or None."""
+    if cfg.num_gpus > 1 or cfg.nodes > 1 or cfg.sharding.resolved(cfg.num_gpus) is not Sharding.NONE \
+            or cfg.offload is not Offload.NONE:
+        return "--num-gpus, --nodes, --sharding and --offload are not modelled yet: estimates are for one GPU"
+    return None
+
+
+def host_bytes(cfg: Config, spec: ModelSpec) -> int:
+    """Host memory the step needs (offloaded state or activations); 0 when everything is on the GPU."""
+    return 0
+
+
 def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
+    refuse = not_modelled(cfg)
+    if refuse:
+        raise MemplanError(refuse)
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
     seq_k = seq_in + (cfg.prefix_tokens if cfg.scheme is Scheme.PREFIX else 0)
     amp = cfg.dtype.is_amp

@@ -123,6 +123,28 @@ class Loss(_Choice):
                           "(torchtune's CEWithChunkedOutputLoss)")
 
 
+class Sharding(_Choice):
+    AUTO = "auto", "none on one GPU, ddp on more"
+    NONE = "none", "one GPU, nothing shared"
+    DDP = "ddp", "DistributedDataParallel: everything replicated, gradients all-reduced in buckets"
+    ZERO1 = "zero1", "DeepSpeed ZeRO-1: optimizer state partitioned over the ranks"
+    ZERO2 = "zero2", "DeepSpeed ZeRO-2: optimizer state and gradients partitioned"
+    ZERO3 = "zero3", "DeepSpeed ZeRO-3: optimizer state, gradients and parameters partitioned"
+    FSDP = "fsdp", "PyTorch FSDP2 fully_shard: parameters gathered per block, gradients reduce-scattered"
+
+    def resolved(self, num_gpus: int) -> "Sharding":
+        """`auto` as it runs: none on one GPU, ddp on more."""
+        if self is Sharding.AUTO:
+            return Sharding.NONE if num_gpus == 1 else Sharding.DDP
+        return self
+
+
+class Offload(_Choice):
+    NONE = "none", "everything on the GPU"
+    OPTIMIZER = "optimizer", "optimizer state and its step on the host (ZeRO-Offload, FSDP CPU offload)"
+    PARAMS = "params", "optimizer state and parameters on the host, streamed in per block (ZeRO-3 / FSDP offload, ZO2)"
+
+
 class HfVersion(_Choice):
     CURRENT = "current", "the transformers release memplan's steps run on (5.x)"
     V4_28 = "4.28", "transformers 4.28, as pinned by MeZO and ZO-Bench (OPT eager: fp32 mask promotion, KV cache kept)"
@@ -177,6 +199,12 @@ class Config(BaseModel):
     loss_chunks: int = Field(8, ge=1, description="--loss chunked: chunks the sequence is split into "
                              "(torchtune's default is 8).")
 
+    num_gpus: int = Field(1, ge=1, le=4096, description="Data-parallel ranks (GPUs) the step runs on; "
+                          "estimates are per GPU.")
+    nodes: int = Field(1, ge=1, le=1024, description="Machines the GPUs are spread over (inter-node defaults).")
+    sharding: Sharding = Field(Sharding.AUTO, description="How the ranks share model state.")
+    offload: Offload = Field(Offload.NONE, description="What lives in host memory instead of on the GPU.")
+
     def replace(self, **update) -> "Config":
         """A validated copy with some fields changed (model_copy would skip validation)."""
         return Config.model_validate({**self.model_dump(), **update})
@@ -194,14 +222,15 @@ class Config(BaseModel):
         except TypeError as e:  # a field given twice, say
             raise MemplanError(str(e)) from None
 
-    @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", "loss", mode="before")
+    @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", "loss", "sharding",
+                     "offload", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
                      "svrg_interval", "svrg_anchor_batches", "zo_rank", "lozo_interval", "subzero_interval",
-                     "loss_chunks", mode="before")
+                     "loss_chunks", "num_gpus", "nodes", mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

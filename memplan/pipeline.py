@@ -39,6 +39,7 @@ class TensorPeak:
     total_params: int = 0
     warnings: tuple[str, ...] = ()
     workspace_counted: bool = True
+    host_bytes: int = 0  # host memory the step needs (offloaded state, activations); not in `components`
 
 
 class Estimator(Protocol):
@@ -58,7 +59,8 @@ class AnalyticTier:
     def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
         spec = spec or resolve(cfg.model)
         phase, comps, totals = analytic.peak(cfg, spec, fam)
-        return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count)
+        return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count,
+                          host_bytes=analytic.host_bytes(cfg, spec))
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def finish(peak: TensorPeak, cfg: Config, spec: ModelSpec | None, gpu: hardware.
         model=peak.model, method=cfg.method, scheme=cfg.scheme, dtype=cfg.dtype, batch=cfg.batch, seq=cfg.seq,
         attention=cfg.attention, tier=tier, peak_phase=peak.phase, components=comps, phases=phases,
         peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
-        trainable_params=peak.trainable_params, total_params=peak.total_params, correction=source,
+        host_bytes=peak.host_bytes, trainable_params=peak.trainable_params, total_params=peak.total_params, correction=source,
         warnings=_warnings(peak, cfg, spec), gpu=None, fits=None, headroom_bytes=None, max_batch=None,
         max_seq=None, config=cfg,
     )

@@ -19,6 +19,7 @@ class Category(_Choice):
     PERTURBATION = "perturbation", "ZO direction vectors z and their temporaries"
     TANGENTS = "tangents", "forward-gradient tangent vector and dual activations"
     LOGITS = "logits", "logits and loss buffers (often upcast to fp32)"
+    COMMUNICATION = "communication", "all-gather / reduce-scatter / all-reduce bucket buffers of sharded training"
     WORKSPACE = "workspace", "cuBLAS / cuBLASLt workspaces (allocated through torch)"
     CONTEXT = "context", "CUDA context: device view only"
     ALLOCATOR = "allocator", "reserved minus allocated: caching-allocator slack"
@@ -72,6 +73,8 @@ class Estimate(BaseModel):
     peak_allocated_bytes: int = Field(description="What torch.cuda.max_memory_allocated would report.")
     peak_reserved_bytes: int = Field(description="What torch.cuda.max_memory_reserved would report.")
     peak_device_bytes: int = Field(description="What NVML / nvidia-smi would show: reserved + context.")
+    host_bytes: int = Field(0, description="Host (CPU) memory the step needs beyond the framework's own: "
+                            "offloaded activations, optimizer state or parameters, paged optimizer state.")
     trainable_params: int = 0
     total_params: int = 0
     gpu: GpuRef | None = None

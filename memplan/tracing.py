@@ -87,7 +87,10 @@ def trace_step(config: Config, *, real: bool = False,
     from memplan.tracker import LiveBytes
 
     from memplan import methods
+    from memplan.analytic import not_modelled
 
+    if not_modelled(config):
+        raise MemplanError(not_modelled(config))
     spec = methods.get(config.method)
     why = spec.untraceable(config)
     if why and not real:
