@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from memplan import hardware
+from memplan.errors import MemplanError
 from memplan.margin import Margin
 from memplan.options import Attention, Method, Scheme
 from memplan.result import GIB, Estimate
@@ -44,6 +45,7 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
     Each change is made to the configuration the estimate carries (`est.config`), every option kept.
     """
+    from memplan.analytic import host_bytes
     from memplan.pipeline import device_bytes, largest as _largest
 
     margin = margin or Margin()
@@ -51,9 +53,16 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     cfg = est.config
     out: list[Fix] = []
 
+    def host_ok(c) -> bool:
+        return not c.host_memory or host_bytes(c, spec) <= c.host_memory_bytes
+
     def attempt(field: str, value) -> None:
-        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
-        if n <= budget:
+        try:
+            changed = cfg.replace(**{field: value})
+            n = device_bytes(changed, spec, gpu)
+        except MemplanError:  # a change the other options refuse (zo-sgd with --offload optimizer, say)
+            return
+        if n <= budget and host_ok(changed):
             out.append(Fix(field, value.value if isinstance(value, Enum) else value, n))
 
     if cfg.attention is not Attention.SDPA:
@@ -70,7 +79,7 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     if cfg.method is not Method.ZO_SGD:
         attempt("method", Method.ZO_SGD)
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):
-        if other.total_bytes > gpu.total_bytes:
+        if other.total_bytes > gpu.total_bytes and host_ok(cfg):
             n = device_bytes(cfg, spec, other)
             if n <= margin.budget(other.total_bytes):
                 out.append(Fix("gpu", other.name, n))

@@ -87,10 +87,11 @@ def trace_step(config: Config, *, real: bool = False,
     from memplan.tracker import LiveBytes
 
     from memplan import methods
-    from memplan.analytic import not_modelled
+    from memplan.sharding import is_plain
 
-    if not_modelled(config):
-        raise MemplanError(not_modelled(config))
+    if not is_plain(config):
+        raise MemplanError("the trace runs one GPU's step: --num-gpus, --sharding and --offload are estimated "
+                           "by `memplan fit` (the analytic tier) only")
     spec = methods.get(config.method)
     why = spec.untraceable(config)
     if why and not real:

@@ -1,0 +1,464 @@
+"""Layouts over several GPUs: DDP, DeepSpeed ZeRO-1/2/3, FSDP2 and CPU offload, as bytes per rank.
+
+The single-GPU phases of a method (`memplan.methods`) already say what one forward, backward and
+update keep alive for one rank's micro-batch. A layout changes only the model state and adds the
+buffers of its collectives, so `phases` runs the method's own phases on the rank's share of the
+model state (`Inputs` with a per-rank `base` and `train`) and then adds, per phase, what the layout
+holds in flight (`Category.COMMUNICATION`). Every number is for one GPU, the busiest rank (rank 0
+holds the largest shard when a tensor does not split evenly). Host memory (offload) is per machine:
+the sum over the ranks that share it (`host_bytes`).
+
+The layouts, as their libraries run by default:
+
+- ddp: torch DistributedDataParallel. Model state replicated; the reducer keeps flat gradient
+  buckets (`bucket_cap_mb=25`, the first bucket 1 MiB, `gradient_as_bucket_view=False`), allocated
+  when the model is wrapped: about one more copy of the trainable gradients, in every phase.
+- zero1 / zero2 / zero3: DeepSpeed ZeRO with its own fp32 master partition (it clones the
+  parameters' partition to fp32 whatever their dtype) and the optimizer state on that master. Terms
+  follow DeepSpeed's `estimate_zero2_model_states_mem_needs` and
+  `estimate_zero3_model_states_mem_needs` (`zero_model_states`); on top, the reduce bucket
+  (`reduce_bucket_size` elements of the gradient dtype, DeepSpeed's `contiguous_gradients` buffer)
+  and, for stage 3, the gathered layer plus the prefetch bucket (`stage3_prefetch_bucket_size`),
+  and the small parameters stage 3 keeps whole (`stage3_param_persistence_threshold`).
+- fsdp: PyTorch FSDP2, `fully_shard` on every decoder block and on the root. Each parameter is
+  split on dim 0 in ceil(rows / N) rows per rank (padded); forward all-gathers a block and
+  reshards it after use; the prefetched next block is gathered while one computes; the root's
+  parameters (embeddings, final norm, lm_head) are not resharded after forward; backward gathers
+  each block again and reduce-scatters its unsharded gradients into the gradient shards.
+  Under `amp-*` the step keeps autocast over fp32 parameters (no MixedPrecisionPolicy), so
+  all-gathers move fp32 and autocast's weight cache holds the 16-bit casts as on one GPU.
+
+ZO methods are forward-only: no gradients to reduce, so ddp holds its (unused) buckets only because
+the model is wrapped, zero1/2 partition just the method's own state, and fsdp / zero3 gather a block
+only while it computes; z perturbs each rank's local shard. `--offload params` with a ZO method is
+ZO2's scheme: the decoder blocks live on the host and stream in one after the other (the next one
+uploading while one computes) and are perturbed and updated on the way; embeddings and head stay.
+
+Notation: N ranks (`num_gpus`), P trainable parameters, pb / gb bytes per parameter / gradient
+element (the dtype's weight bytes), c the method's optimizer-state copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
+
+from memplan.errors import MemplanError
+from memplan.options import Config, Offload, Scheme, Sharding
+from memplan.overhead import round_block
+from memplan.result import Category, Phase
+from memplan.spec import ModelSpec, per_spec
+
+if TYPE_CHECKING:
+    from memplan.analytic import Inputs
+
+C = Category
+MIB = 1 << 20
+
+# torch.nn.parallel.DistributedDataParallel defaults (bucket_cap_mb, _DEFAULT_FIRST_BUCKET_BYTES).
+DDP_BUCKET_CAP_BYTES = 25 * MIB
+DDP_FIRST_BUCKET_BYTES = 1 * MIB
+
+# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py, DeepSpeed 0.19), by config key.
+REDUCE_BUCKET_SIZE = 500_000_000  # "reduce_bucket_size", elements
+STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000  # "stage3_prefetch_bucket_size", elements
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # "stage3_max_live_parameters", elements
+STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000  # "stage3_param_persistence_threshold": smaller ones stay whole
+MASTER_BYTES = 4  # DeepSpeed's fp32 master partition; its optimizer state is fp32 on that master
+FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition the optimizer steps on
+
+ZERO = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
+
+
+def mode(cfg: Config) -> Sharding:
+    return cfg.sharding.resolved(cfg.num_gpus)
+
+
+def is_plain(cfg: Config) -> bool:
+    """One GPU, nothing shared or offloaded: the single-device phases as they are."""
+    return cfg.num_gpus == 1 and mode(cfg) is Sharding.NONE and cfg.offload is Offload.NONE
+
+
+def refusal(cfg: Config) -> str | None:
+    """Why a layout cannot be estimated (a combination no library runs), or None."""
+    m, zo = mode(cfg), cfg.method.is_zo
+    if cfg.nodes > cfg.num_gpus:
+        return f"--nodes {cfg.nodes} is more than --num-gpus {cfg.num_gpus}: every machine runs at least one rank"
+    if cfg.num_gpus % cfg.nodes:
+        return f"--num-gpus {cfg.num_gpus} does not split evenly over --nodes {cfg.nodes}"
+    if m is Sharding.NONE and cfg.num_gpus > 1 and not zo:
+        return (f"--sharding none with --num-gpus {cfg.num_gpus}: first-order ranks must share gradients; "
+                "use ddp, zero1, zero2, zero3 or fsdp")
+    if cfg.offload is Offload.NONE:
+        return None
+    if zo:
+        if cfg.offload is Offload.OPTIMIZER and cfg.method.value == "zo-sgd" and cfg.zo_queries == 1:
+            return "--offload optimizer: zo-sgd keeps no optimizer state to offload"
+        if m in (Sharding.ZERO1, Sharding.ZERO2) and cfg.offload is Offload.PARAMS:
+            return "--offload params needs zero3 or fsdp (ZeRO offloads parameters only in stage 3), or none / ddp (ZO2)"
+        return None
+    if m in (Sharding.NONE, Sharding.DDP):
+        return (f"--offload {cfg.offload.value} needs --sharding zero1, zero2, zero3 (ZeRO-Offload) or fsdp "
+                "(CPUOffloadPolicy)")
+    if cfg.offload is Offload.PARAMS and m in (Sharding.ZERO1, Sharding.ZERO2):
+        return "--offload params needs zero3 or fsdp: DeepSpeed offloads parameters only in stage 3"
+    if cfg.offload is Offload.OPTIMIZER and m is Sharding.FSDP:
+        return ("--offload optimizer with fsdp: FSDP2's CPUOffloadPolicy moves parameters, gradients and the "
+                "optimizer step together; use --offload params")
+    return None
+
+
+# ---- shards -------------------------------------------------------------------------------------
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dim0_shard(shape: tuple[int, ...], n: int) -> int:
+    """Elements of rank 0's FSDP2 shard of one tensor: ceil(rows / N) rows (`torch.chunk` on dim 0)."""
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return ceil_div(shape[0], n) * rest
+
+
+def dim0_padded(shape: tuple[int, ...], n: int) -> int:
+    """Elements of one tensor as FSDP2 all-gathers it: N padded shards."""
+    return n * dim0_shard(shape, n)
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """A model's parameters as FSDP2 wraps them: the root's and each decoder block's (shape, bytes)."""
+
+    root: tuple[tuple[tuple[int, ...], int], ...]
+    blocks: tuple[tuple[tuple[tuple[int, ...], int], ...], ...]
+
+
+def _layer_of(name: str, spec: ModelSpec) -> int | None:
+    for t in spec.tensors:
+        if name.startswith(t.name):
+            return t.layer
+    return None
+
+
+def frozen_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+    """(shape, bytes per element, layer) of every parameter that does not train (empty for ft)."""
+    if cfg.scheme is Scheme.FT:
+        return ()
+    return tuple((t.shape, cfg.dtype.weight_bytes, t.layer) for t in spec.tensors)
+
+
+def trainable_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+    """(shape, bytes per element, layer) of every trainable tensor; prefix / prompt belong to the root."""
+    from memplan.methods.zo import shapes_key, trainable_shapes as shapes
+
+    out = []
+    for name, shape, eb in shapes(spec, *shapes_key(cfg, spec)):
+        layer = _layer_of(name, spec) if cfg.scheme in (Scheme.FT, Scheme.LORA) else None
+        out.append((shape, eb, layer))
+    return tuple(out)
+
+
+def fsdp_bytes(tensors, n: int, *, padded: bool = False, eb: int | None = None) -> int:
+    """sum round512(shard * bytes) over tensors (padded: the whole all-gathered tensor)."""
+    size = dim0_padded if padded else dim0_shard
+    return sum(round_block(size(shape, n) * (eb or b)) for shape, b, _ in tensors)
+
+
+def by_layer(tensors) -> tuple[list, dict[int, list]]:
+    root, blocks = [], {}
+    for t in tensors:
+        (root if t[2] is None else blocks.setdefault(t[2], [])).append(t)
+    return root, blocks
+
+
+def largest_module_params(spec: ModelSpec) -> int:
+    """Largest sum of one module's own parameters (DeepSpeed's `largest_layer_params`)."""
+    return _largest_module(spec)
+
+
+@per_spec
+def _largest_module(spec: ModelSpec) -> int:
+    sums: dict[tuple, int] = {}
+    for t in spec.tensors:
+        key = (t.layer, t.name.rsplit(".", 1)[0])
+        sums[key] = sums.get(key, 0) + t.numel
+    return max(sums.values())
+
+
+# ---- DeepSpeed's model-state terms --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroStates:
+    """Model-state bytes of one rank under ZeRO, by term, and the host bytes of one machine.
+
+    `gathered` is stage 3's in-flight layer: its 16-bit parameters and gradients (DeepSpeed's
+    `largest_layer_memory`)."""
+
+    params: int
+    gradients: int
+    master: int
+    optimizer_state: int
+    gathered: int
+    host_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.params + self.gradients + self.master + self.optimizer_state + self.gathered
+
+
+def zero_model_states(stage: int, total_params: int, largest_layer_params: int, num_gpus: int, nodes: int = 1,
+                      offload: Offload = Offload.NONE, *, param_bytes: int = 2, state_copies: int = 2,
+                      trainable_params: int | None = None) -> ZeroStates:
+    """ZeRO-`stage` model states per rank, as DeepSpeed's estimators count them (Adam: c = 2).
+
+    Per trainable parameter, with a partition of ceil(P / N) elements (DeepSpeed pads partitions):
+    stage 1: pb + gb (whole) + (4 fp32 grads + 4 master + 4c state) / N;
+    stage 2: pb + (gb + 4 + 4 + 4c) / N       (16-bit: 2 + 18 / N, `estimate_zero2`);
+    stage 3: (pb + 4 + 4 + 4c) / N + (pb + gb) * largest layer  (16-bit: 18 / N + 4 LL, `estimate_zero3`).
+    Offload optimizer: the fp32 gradients, master and state go to the host (and stage 2's 16-bit
+    gradient partition, which is copied out as it is reduced); offload params (stage 3): the 16-bit
+    partition too. Host: what the machine's N / nodes ranks put there (DeepSpeed's `zero_init`
+    figure before its 1.5 buffer factor).
+    """
+    p_t = total_params if trainable_params is None else trainable_params
+    part = ceil_div(p_t, num_gpus)
+    frozen = total_params - p_t
+    pb = gb = param_bytes
+    fp32 = (FP32_GRAD_BYTES + MASTER_BYTES + 4 * state_copies) * part
+    if stage == 1:
+        params, grads16 = pb * total_params, gb * p_t
+    elif stage == 2:
+        params, grads16 = pb * total_params, gb * part
+    else:
+        params, grads16 = pb * ceil_div(frozen, num_gpus) + pb * part, 0
+    gathered = (pb + gb) * largest_layer_params if stage == 3 else 0
+    host = 0
+    if offload is not Offload.NONE:
+        host += fp32
+        if stage == 2:
+            host += grads16
+            grads16 = 0
+        if offload is Offload.PARAMS:
+            host += params
+            params = 0
+    host *= num_gpus // nodes
+    grads32 = FP32_GRAD_BYTES * part if offload is Offload.NONE else 0
+    master = MASTER_BYTES * part if offload is Offload.NONE else 0
+    state = 4 * state_copies * part if offload is Offload.NONE else 0
+    return ZeroStates(params=params, gradients=grads16 + grads32, master=master, optimizer_state=state,
+                      gathered=gathered, host_bytes=host)
+
+
+# ---- per-rank phases ----------------------------------------------------------------------------
+
+Moment = dict[Category, int]
+Phases = dict[Phase, Moment]
+
+
+@dataclass(frozen=True, slots=True)
+class Rank:
+    """One rank's share: model state (base), what its method's phases read as trainable, what each
+    phase adds in flight (communication), the host bytes of its machine."""
+
+    base: dict[Category, int]
+    grad_bytes: int
+    largest_bytes: int
+    extra: dict[Phase, int]
+    host_bytes: int
+
+
+def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
+    """Bytes per category at the peak of each phase on the busiest rank."""
+    cfg = p.cfg
+    if is_plain(cfg):
+        return method_phases(p)
+    r = rank(p)
+    train = replace(p.train, bytes=r.grad_bytes, largest_bytes=r.largest_bytes)
+    out = method_phases(replace(p, base=r.base, train=train))
+    for ph, moment in out.items():
+        extra = r.extra.get(ph, r.extra.get(None, 0))
+        if extra:
+            moment = dict(moment)
+            moment[C.COMMUNICATION] = moment.get(C.COMMUNICATION, 0) + extra
+            out[ph] = moment
+    return out
+
+
+def host_bytes(p: Inputs) -> int:
+    return 0 if is_plain(p.cfg) else rank(p).host_bytes
+
+
+def rank(p: Inputs) -> Rank:
+    refuse = refusal(p.cfg)
+    if refuse:
+        raise MemplanError(refuse)
+    m = mode(p.cfg)
+    if m is Sharding.FSDP:
+        return _fsdp(p)
+    if m in ZERO:
+        return _zero(p, ZERO.index(m) + 1)
+    return _replicated(p, ddp=m is Sharding.DDP)
+
+
+def _per_node(cfg: Config) -> int:
+    return cfg.num_gpus // cfg.nodes
+
+
+def ddp_bucket_bytes(sizes: list[int]) -> int:
+    """DDP's gradient buckets: params in reverse registration order, a bucket closed once it reaches
+    its cap (1 MiB for the first, 25 MiB after; `compute_bucket_assignment_by_size`); each bucket one
+    flat tensor."""
+    total, bucket, cap = 0, 0, DDP_FIRST_BUCKET_BYTES
+    for b in reversed(sizes):
+        bucket += b
+        if bucket >= cap:
+            total, bucket, cap = total + round_block(bucket), 0, DDP_BUCKET_CAP_BYTES
+    return total + round_block(bucket)
+
+
+def _replicated(p: Inputs, *, ddp: bool) -> Rank:
+    """none / ddp: every rank holds the whole model state; ddp adds its buckets; ZO2 offload streams blocks."""
+    cfg, spec = p.cfg, p.spec
+    base = dict(p.base)
+    comm = 0
+    if ddp:
+        comm = ddp_bucket_bytes([_numel(s) * eb for s, eb, _ in trainable_shapes(cfg, spec)])
+    host = 0
+    extra: dict = {None: comm}
+    if cfg.offload is Offload.OPTIMIZER:  # ZO only (refusal): the method's state on the host
+        host = base[C.OPTIMIZER_STATE] * _per_node(cfg)
+        base[C.OPTIMIZER_STATE] = 0
+    elif cfg.offload is Offload.PARAMS:  # ZO2: blocks on the host, two on the GPU at a time
+        blocks = _block_bytes(p, n=1, padded=False)
+        on_host = sum(blocks)
+        host = (on_host + base[C.OPTIMIZER_STATE]) * _per_node(cfg)
+        base[C.WEIGHTS] -= on_host
+        base[C.OPTIMIZER_STATE] = 0
+        streamed = _two_largest(blocks)
+        extra = {None: comm, Phase.FORWARD: comm + streamed, Phase.PERTURB: comm + streamed,
+                 Phase.OPTIMIZER_STEP: comm + streamed}
+    return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=p.train.largest_bytes, extra=extra,
+                host_bytes=host)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _two_largest(sizes: list[int]) -> int:
+    """The unsharded block in use and the prefetched next one (the two largest, for mixed layers)."""
+    top = sorted(sizes, reverse=True)[:2]
+    return sum(top)
+
+
+def _block_bytes(p: Inputs, *, n: int, padded: bool, grads: bool = False) -> list[int]:
+    """Per decoder block: bytes of its parameters (frozen and trainable) as a rank holds them:
+    its shard (padded=False) or gathered (padded=True); grads: its trainable parameters' gradients only."""
+    cfg, spec = p.cfg, p.spec
+    tensors = list(trainable_shapes(cfg, spec)) + ([] if grads else list(frozen_shapes(cfg, spec)))
+    _, blocks = by_layer(tensors)
+    return [fsdp_bytes(ts, n, padded=padded) for _, ts in sorted(blocks.items())]
+
+
+def _fsdp(p: Inputs) -> Rank:
+    """FSDP2 FULL_SHARD over N ranks (see the module doc)."""
+    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
+    train = trainable_shapes(cfg, spec)
+    frozen = frozen_shapes(cfg, spec)
+    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
+    shard_w = fsdp_bytes(train, n) + fsdp_bytes(frozen, n)
+    grads = fsdp_bytes(train, n)
+    largest = max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train)
+    copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
+    state = copies * grads
+    root_t, _ = by_layer(train)
+    root_f, _ = by_layer(frozen)
+    root_params = fsdp_bytes(root_t, n, padded=True) + fsdp_bytes(root_f, n, padded=True)
+    root_grads = fsdp_bytes(root_t, n, padded=True) if cfg.method.is_fo else 0
+    blocks = _block_bytes(p, n=n, padded=True)
+    gathered = root_params + _two_largest(blocks)
+    base = {C.WEIGHTS: shard_w + buffers, C.OPTIMIZER_STATE: state}
+    host = 0
+    if cfg.offload is Offload.PARAMS:
+        # CPUOffloadPolicy: shards, their gradients and the optimizer step on the host; a block's
+        # shard is copied to the GPU for its all-gather.
+        host = (shard_w + (grads if cfg.method.is_fo else 0) + state) * _per_node(cfg)
+        base = {C.WEIGHTS: buffers, C.OPTIMIZER_STATE: 0}
+        grads = 0 if cfg.method.is_fo else grads
+    extra: dict = {None: 0, Phase.FORWARD: gathered}
+    if cfg.method.is_fo:
+        # Backward: the root's gradients wait for its reduce-scatter at the end; each block's unsharded
+        # gradients and the reduce-scatter input copy of them, for the block in use.
+        block_grads = _block_bytes(p, n=n, padded=True, grads=True)
+        extra[Phase.BACKWARD] = gathered + root_grads + 2 * max(block_grads, default=0)
+    elif cfg.offload is Offload.OPTIMIZER:
+        host = state * _per_node(cfg)
+        base[C.OPTIMIZER_STATE] = 0
+    return Rank(base=base, grad_bytes=grads, largest_bytes=largest, extra=extra, host_bytes=host)
+
+
+def _zero(p: Inputs, stage: int) -> Rank:
+    """DeepSpeed ZeRO-`stage` over N ranks (see `zero_model_states` and the module doc)."""
+    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
+    pb = cfg.dtype.weight_bytes
+    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
+    total = spec.param_count + (p.train.params if cfg.scheme is not Scheme.FT else 0)
+    trainable = p.train.params
+    copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
+    if cfg.method.is_zo:
+        return _zero_zo(p, stage, copies)
+    ll = largest_module_params(spec)
+    ms = zero_model_states(stage, total, ll, n, cfg.nodes, cfg.offload, param_bytes=pb, state_copies=copies,
+                           trainable_params=trainable)
+    params = ms.params
+    if stage == 3 and cfg.offload is not Offload.PARAMS:
+        params += _persistent_extra(spec, n, pb)
+    base = {C.WEIGHTS: params + buffers, C.OPTIMIZER_STATE: ms.master + ms.optimizer_state}
+    bucket = round_block(REDUCE_BUCKET_SIZE * pb)
+    extra: dict = {None: bucket}
+    if stage == 3:
+        gather = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
+        extra[Phase.FORWARD] = bucket + gather
+        extra[Phase.BACKWARD] = bucket + gather + round_block(ll * pb)  # the layer's 16-bit gradients
+    part = ceil_div(trainable, n)
+    return Rank(base=base, grad_bytes=ms.gradients, largest_bytes=min(p.train.largest_bytes, part * pb) or 512,
+                extra=extra, host_bytes=ms.host_bytes)
+
+
+def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:
+    """Stage 3 keeps parameters under `stage3_param_persistence_threshold` elements whole on every rank."""
+    small = sum(t.numel for t in spec.tensors if t.numel < STAGE3_PARAM_PERSISTENCE_THRESHOLD)
+    return pb * (small - ceil_div(small, n))
+
+
+def _zero_zo(p: Inputs, stage: int, copies: int) -> Rank:
+    """A ZO method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
+    partitioned, stage 3 partitions the weights and gathers the layer in flight (forward only)."""
+    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
+    pb = cfg.dtype.weight_bytes
+    state = copies * ceil_div(p.train.bytes, n)
+    base = {C.WEIGHTS: p.base[C.WEIGHTS], C.OPTIMIZER_STATE: state}
+    extra: dict = {None: 0}
+    host = 0
+    largest = p.train.largest_bytes
+    if stage == 3:
+        weights = ceil_div(p.base[C.WEIGHTS], n) + _persistent_extra(spec, n, pb)
+        base[C.WEIGHTS] = weights
+        ll = largest_module_params(spec)
+        total = spec.param_count
+        extra[Phase.FORWARD] = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
+        largest = round_block(ceil_div(largest, n))
+        if cfg.offload is Offload.PARAMS:
+            host += weights * _per_node(cfg)
+            base[C.WEIGHTS] = 0
+    if cfg.offload is not Offload.NONE:
+        host += state * _per_node(cfg)
+        base[C.OPTIMIZER_STATE] = 0
+    return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=largest, extra=extra, host_bytes=host)
