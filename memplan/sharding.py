@@ -25,8 +25,11 @@ The layouts, as their libraries run by default:
   reshards it after use; the prefetched next block is gathered while one computes; the root's
   parameters (embeddings, final norm, lm_head) are not resharded after forward; backward gathers
   each block again and reduce-scatters its unsharded gradients into the gradient shards.
-  Under `amp-*` the step keeps autocast over fp32 parameters (no MixedPrecisionPolicy), so
-  all-gathers move fp32 and autocast's weight cache holds the 16-bit casts as on one GPU.
+  Under `amp-*`, FSDP2's own mixed precision as torchtitan sets it: `MixedPrecisionPolicy(
+  param_dtype=<16-bit>, reduce_dtype=float32)` over fp32 shards, in place of autocast. All-gathers
+  produce 16-bit parameters, the forward and backward run in 16-bit (activations as under
+  `--dtype bf16` / `fp16`, no autocast cache), the unsharded gradients are 16-bit and are cast
+  to fp32 for the reduce-scatter; shards, their gradients and the optimizer state are fp32.
 
 ZO methods are forward-only: no gradients to reduce, so ddp holds its (unused) buckets only because
 the model is wrapped, zero1/2 partition just the method's own state, and fsdp / zero3 gather a block
@@ -162,7 +165,8 @@ def trainable_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...
 
 
 def fsdp_bytes(tensors, n: int, *, padded: bool = False, eb: int | None = None) -> int:
-    """sum round512(shard * bytes) over tensors (padded: the whole all-gathered tensor)."""
+    """sum round512(shard * bytes) over tensors (padded: the whole all-gathered tensor); `eb` replaces
+    each tensor's bytes per element (a mixed-precision all-gather)."""
     size = dim0_padded if padded else dim0_shard
     return sum(round_block(size(shape, n) * (eb or b)) for shape, b, _ in tensors)
 
@@ -278,7 +282,12 @@ def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
         return method_phases(p)
     r = rank(p)
     train = replace(p.train, bytes=r.grad_bytes, largest_bytes=r.largest_bytes)
-    out = method_phases(replace(p, base=r.base, train=train))
+    s = p.s
+    if mode(cfg) is Sharding.FSDP and cfg.dtype.is_amp:  # MixedPrecisionPolicy: compute as in 16-bit
+        from memplan.analytic import shapes
+
+        s = shapes(cfg.replace(dtype=compute_dtype(cfg)), p.spec)
+    out = method_phases(replace(p, s=s, base=r.base, train=train))
     for ph, moment in out.items():
         extra = r.extra.get(ph, r.extra.get(None, 0))
         if extra:
@@ -286,6 +295,13 @@ def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
             moment[C.COMMUNICATION] = moment.get(C.COMMUNICATION, 0) + extra
             out[ph] = moment
     return out
+
+
+def compute_dtype(cfg: Config):
+    """The 16-bit dtype an `amp-*` run computes in (FSDP2's `param_dtype`)."""
+    from memplan.options import Dtype
+
+    return Dtype.BF16 if cfg.dtype is Dtype.AMP_BF16 else Dtype.FP16
 
 
 def host_bytes(p: Inputs) -> int:
@@ -358,13 +374,13 @@ def _two_largest(sizes: list[int]) -> int:
     return sum(top)
 
 
-def _block_bytes(p: Inputs, *, n: int, padded: bool, grads: bool = False) -> list[int]:
+def _block_bytes(p: Inputs, *, n: int, padded: bool, grads: bool = False, eb: int | None = None) -> list[int]:
     """Per decoder block: bytes of its parameters (frozen and trainable) as a rank holds them:
     its shard (padded=False) or gathered (padded=True); grads: its trainable parameters' gradients only."""
     cfg, spec = p.cfg, p.spec
     tensors = list(trainable_shapes(cfg, spec)) + ([] if grads else list(frozen_shapes(cfg, spec)))
     _, blocks = by_layer(tensors)
-    return [fsdp_bytes(ts, n, padded=padded) for _, ts in sorted(blocks.items())]
+    return [fsdp_bytes(ts, n, padded=padded, eb=eb) for _, ts in sorted(blocks.items())]
 
 
 def _fsdp(p: Inputs) -> Rank:
@@ -378,11 +394,13 @@ def _fsdp(p: Inputs) -> Rank:
     largest = max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train)
     copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
     state = copies * grads
+    # Mixed precision (amp-*): parameters are gathered, and gradients made, in the 16-bit param_dtype.
+    mp = compute_dtype(cfg).weight_bytes if cfg.dtype.is_amp else None
     root_t, _ = by_layer(train)
     root_f, _ = by_layer(frozen)
-    root_params = fsdp_bytes(root_t, n, padded=True) + fsdp_bytes(root_f, n, padded=True)
-    root_grads = fsdp_bytes(root_t, n, padded=True) if cfg.method.is_fo else 0
-    blocks = _block_bytes(p, n=n, padded=True)
+    root_params = fsdp_bytes(root_t, n, padded=True, eb=mp) + fsdp_bytes(root_f, n, padded=True, eb=mp)
+    root_grads = fsdp_bytes(root_t, n, padded=True, eb=mp) if cfg.method.is_fo else 0
+    blocks = _block_bytes(p, n=n, padded=True, eb=mp)
     gathered = root_params + _two_largest(blocks)
     base = {C.WEIGHTS: shard_w + buffers, C.OPTIMIZER_STATE: state}
     host = 0
@@ -396,8 +414,10 @@ def _fsdp(p: Inputs) -> Rank:
     if cfg.method.is_fo:
         # Backward: the root's gradients wait for its reduce-scatter at the end; each block's unsharded
         # gradients and the reduce-scatter input copy of them, for the block in use.
-        block_grads = _block_bytes(p, n=n, padded=True, grads=True)
-        extra[Phase.BACKWARD] = gathered + root_grads + 2 * max(block_grads, default=0)
+        # (16-bit ones, then their fp32 cast for the reduce-scatter under mixed precision).
+        block_grads = max(_block_bytes(p, n=n, padded=True, grads=True, eb=mp), default=0)
+        rs_input = max(_block_bytes(p, n=n, padded=True, grads=True), default=0)
+        extra[Phase.BACKWARD] = gathered + root_grads + block_grads + rs_input
     elif cfg.offload is Offload.OPTIMIZER:
         host = state * _per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
