@@ -14,7 +14,10 @@ The layouts, as their libraries run by default:
   buckets (`bucket_cap_mb=25`, the first bucket 1 MiB, `gradient_as_bucket_view=False`), allocated
   when the model is wrapped: about one more copy of the trainable gradients, in every phase.
 - zero1 / zero2 / zero3: DeepSpeed ZeRO with its own fp32 master partition (it clones the
-  parameters' partition to fp32 whatever their dtype) and the optimizer state on that master. Terms
+  parameters' partition to fp32 whatever their dtype) and the optimizer state on that master.
+  `bf16`, `fp16` and `amp-*` all run as DeepSpeed's `bf16` / `fp16` mode: 16-bit parameters and
+  compute (activations as under `--dtype bf16`), fp32 master, gradient partition and state; `fp32`
+  keeps fp32 parameters (and still the master clone). Terms
   follow DeepSpeed's `estimate_zero2_model_states_mem_needs` and
   `estimate_zero3_model_states_mem_needs` (`zero_model_states`); on top, the reduce bucket
   (`reduce_bucket_size` elements of the gradient dtype, DeepSpeed's `contiguous_gradients` buffer)
@@ -283,7 +286,9 @@ def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
     r = rank(p)
     train = replace(p.train, bytes=r.grad_bytes, largest_bytes=r.largest_bytes)
     s = p.s
-    if mode(cfg) is Sharding.FSDP and cfg.dtype.is_amp:  # MixedPrecisionPolicy: compute as in 16-bit
+    m = mode(cfg)
+    if cfg.dtype.is_amp and (m is Sharding.FSDP or m in ZERO and cfg.method.is_fo):
+        # the library's own mixed precision (FSDP2's policy, DeepSpeed's bf16 / fp16): 16-bit compute
         from memplan.analytic import shapes
 
         s = shapes(cfg.replace(dtype=compute_dtype(cfg)), p.spec)
@@ -427,7 +432,7 @@ def _fsdp(p: Inputs) -> Rank:
 def _zero(p: Inputs, stage: int) -> Rank:
     """DeepSpeed ZeRO-`stage` over N ranks (see `zero_model_states` and the module doc)."""
     cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    pb = cfg.dtype.weight_bytes
+    pb = zero_param_bytes(cfg)
     buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
     total = spec.param_count + (p.train.params if cfg.scheme is not Scheme.FT else 0)
     trainable = p.train.params
@@ -450,6 +455,11 @@ def _zero(p: Inputs, stage: int) -> Rank:
     part = ceil_div(trainable, n)
     return Rank(base=base, grad_bytes=ms.gradients, largest_bytes=min(p.train.largest_bytes, part * pb) or 512,
                 extra=extra, host_bytes=ms.host_bytes)
+
+
+def zero_param_bytes(cfg: Config) -> int:
+    """Bytes per parameter DeepSpeed keeps on the GPU: 16-bit in its bf16 / fp16 modes (amp-* included)."""
+    return 4 if cfg.dtype.value == "fp32" else 2
 
 
 def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:

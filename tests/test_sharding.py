@@ -249,3 +249,62 @@ def test_fit_says_per_gpu(run_cli):
     assert "all sizes per GPU" in text and "4 GPUs, fsdp" in text
     code, out, err = run_cli("fit", "opt-125m", "-m", "fo-adam", "--num-gpus", "2", "--sharding", "none")
     assert code == 2 and "first-order ranks must share gradients" in err
+
+
+# ---- suggestions, plans, charts ------------------------------------------------------------------
+
+
+def test_suggestions_propose_layouts_with_per_gpu_numbers():
+    from memplan.api import estimate_config
+    from memplan.pipeline import device_bytes
+    from memplan.suggest import fixes, suggestions
+
+    spec, gpu = resolve("llama-3.1-8b"), hardware.get_gpu("a100-40gb")
+    cfg = Config(model="llama-3.1-8b", method="fo-adam", dtype="bf16", seq=2048)
+    est = estimate_config(cfg, gpu, spec=spec)
+    found = {f.flag: f for f in fixes(est, spec, gpu)}
+    # The fewest GPUs that hold it: 4 under FSDP (2 is not enough), each fix re-estimated as applied.
+    more = found["--sharding fsdp --num-gpus 4"]
+    assert more.peak_device_bytes == device_bytes(cfg.replace(**more.changes), spec, gpu) <= gpu.total_bytes
+    assert device_bytes(cfg.replace(sharding="fsdp", num_gpus=2), spec, gpu) > gpu.total_bytes * 0.95
+    assert f"--sharding fsdp --num-gpus 4 ({more.peak_device_bytes / GIB:.1f} GiB per GPU)" in \
+        suggestions(est, spec, gpu)[0]
+    assert more.to_json_dict()["also"] == {"num_gpus": 4}
+
+
+def test_suggestions_offer_zo2_offload():
+    from memplan.api import estimate_config
+    from memplan.suggest import fixes
+
+    spec, gpu = resolve("llama-3.1-70b"), hardware.get_gpu("h100")
+    est = estimate_config(Config(model="llama-3.1-70b", method="zo-sgd"), gpu, spec=spec)
+    assert "--offload params" in [f.flag for f in fixes(est, spec, gpu)]
+
+
+def test_plan_runs_take_layouts_and_judge_the_host():
+    from memplan import plan
+
+    text = ("gpus: [h100]\nmargin: 5%\nruns:\n  - name: big\n    model: llama-3.1-8b\n    method: fo-adam\n"
+            "    dtype: bf16\n    num_gpus: 8\n    sharding: zero3\n    offload: optimizer\n    host_memory: 16\n")
+    (r,) = plan.check(plan.parse(text))
+    assert r.estimate.config.num_gpus == 8 and r.estimate.host_bytes > 16 * GIB
+    assert r.estimate.peak_device_bytes <= r.budget_bytes and not r.fits  # the host, not the GPU, is short
+    (r,) = plan.check(plan.parse(text.replace("host_memory: 16", "host_memory: 512")))
+    assert r.fits
+
+
+def test_gpu_sweep_has_a_line_per_sharding_mode():
+    from memplan import charts
+
+    # (on opt-125m, NCCL's workspace outweighs what sharding saves: a 8B model falls with every doubling)
+    c = charts.sweep("llama-3.1-8b", ["fo-adam"], "h100", over="num-gpus", values=[1, 2, 8], dtype="bf16")
+    assert list(c.peak_bytes) == ["ddp", "zero1", "zero2", "zero3", "fsdp"]
+    fsdp = c.peak_bytes["fsdp"]
+    assert fsdp[0] > fsdp[1] > fsdp[2]
+    from memplan.api import estimate_config
+
+    one = estimate_config(Config(model="llama-3.1-8b", method="fo-adam", dtype="bf16", num_gpus=8, sharding="zero2"),
+                          hardware.get_gpu("h100"), search=False)
+    assert c.peak_bytes["zero2"][2] == one.peak_device_bytes
+    zo = charts.sweep("opt-125m", ["zo-sgd"], "h100", over="num-gpus", values=[2], sharding="fsdp")
+    assert list(zo.peak_bytes) == ["fsdp"]
