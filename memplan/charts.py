@@ -321,7 +321,10 @@ def _draw_sweep(fig, c: SweepChart) -> None:
     ax.set_ylabel(f"peak device memory{per} (GiB = 2^30 bytes)")
     shown = [n for peaks in c.peak_bytes.values() for n in peaks if n] + [c.capacity.total_bytes]
     if c.over == "num-gpus" and max(shown) > 16 * min(shown):  # per-GPU peaks fall by orders of magnitude
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     else:
         ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
