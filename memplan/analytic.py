@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan import methods
+from memplan import methods, quant
 from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Loss, Offload, Scheme, Sharding
+from memplan.options import Attention, Config, Loss, Offload, Quant, Scheme, Sharding
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -30,6 +30,9 @@ Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 def not_modelled(cfg: Config) -> str | None:
     """Options a tier accepts in `Config` but cannot estimate yet, or None."""
+    refuse = quant.refusal(cfg)
+    if refuse:
+        return refuse
     if cfg.num_gpus > 1 or cfg.nodes > 1 or cfg.sharding.resolved(cfg.num_gpus) is not Sharding.NONE \
             or cfg.offload is not Offload.NONE:
         return "--num-gpus, --nodes, --sharding and --offload are not modelled yet: estimates are for one GPU"
@@ -54,6 +57,13 @@ def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
         if refuse:
             raise MemplanError(refuse)
         arch = _chunked(arch)
+    if cfg.quant is not Quant.NONE:
+        refuse = quant.refusal(cfg, masked=arch.objective == "masked")
+        if refuse:
+            raise MemplanError(refuse)
+        # prepare_model_for_kbit_training leaves fp32 embeddings, norms and lm_head: an fp32 stream.
+        return Ctx(cfg=cfg, spec=spec, arch=arch, tokens=cfg.batch * seq_in, seq_q=seq_in, seq_k=seq_k,
+                   wb=4, cb=4, r=4, amp=False)
     return Ctx(
         cfg=cfg, spec=spec, arch=arch, tokens=cfg.batch * seq_in, seq_q=seq_in,
         seq_k=seq_k, wb=cfg.dtype.weight_bytes, cb=cfg.dtype.compute_bytes,
@@ -75,6 +85,22 @@ def weight_bytes(spec: ModelSpec, wb: int) -> int:
     """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
     params = sum(round_block(t.numel * wb) for t in spec.tensors)
     return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
+
+
+def model_weight_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """The frozen or trained model's own tensors: in --dtype, or quantised (`quantised_weight_bytes`)."""
+    if cfg.quant is Quant.NONE:
+        return weight_bytes(spec, s.wb)
+    return quantised_weight_bytes(spec, cfg.quant)
+
+
+@per_spec
+def quantised_weight_bytes(spec: ModelSpec, q: Quant) -> int:
+    """bitsandbytes' layout (`memplan.quant`): each quantised weight with its state; every other
+    parameter (embeddings, norms, lm_head, biases) in fp32, as prepare_model_for_kbit_training casts it."""
+    params = sum(quant.tensor_bytes(q, t) if quant.is_quantised(t) else round_block(t.numel * 4)
+                 for t in spec.tensors)
+    return params + quant.shared_bytes(q) + sum(round_block(t.numel * 4) for t in spec.buffers)
 
 
 @per_spec
@@ -245,7 +271,7 @@ class Inputs:
 def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Category, int]]:
     """Bytes per category at the peak of each phase of one steady-state step."""
     s = shapes(cfg, spec)
-    weights = weight_bytes(spec, s.wb)
+    weights = model_weight_bytes(cfg, spec, s)
     train = trainable(cfg, spec)
     train_bytes = train.bytes
     if cfg.scheme is not Scheme.FT:
