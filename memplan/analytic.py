@@ -100,7 +100,7 @@ def quantised_weight_bytes(spec: ModelSpec, q: Quant) -> int:
     parameter (embeddings, norms, lm_head, biases) in fp32, as prepare_model_for_kbit_training casts it."""
     params = sum(quant.tensor_bytes(q, t) if quant.is_quantised(t) else round_block(t.numel * 4)
                  for t in spec.tensors)
-    return params + quant.shared_bytes(q) + sum(round_block(t.numel * 4) for t in spec.buffers)
+    return params + sum(round_block(t.numel * 4) for t in spec.buffers)
 
 
 @per_spec
@@ -225,7 +225,8 @@ def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) 
     elif mask:
         x_saved = targets * h * (ADAPTER_BYTES + mask)
     elif s.wb == 4:
-        x_saved = h * 4  # the projection input itself, shared by the targets
+        # the projection input itself, shared by the targets (and by an int8 base layer, which saves it too)
+        x_saved = 0 if s.keeps_linear_inputs else h * 4
     else:
         x_saved = targets * h * ADAPTER_BYTES
     middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
@@ -239,6 +240,17 @@ def lora_unsaved_masks(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) ->
     comes from frozen embeddings, so its targets' masks are never saved (T * targets * h).
     """
     return s.tokens * targets * spec.hidden_size if cfg.lora_dropout > 0 else 0
+
+
+def quant_unsaved_inputs(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """Bytes of int8 layers' inputs that the arch formulas count (`Ctx.keeps_linear_inputs`) but the
+    first layer does not save: its attention input comes from frozen embeddings, so MatMul8bitLt keeps
+    no copy of it (T * h in fp32); LoRA without dropout saves that same tensor for its adapters."""
+    if cfg.quant is not Quant.INT8 or cfg.scheme is Scheme.PROMPT:
+        return 0
+    if cfg.scheme is Scheme.LORA and cfg.lora_dropout == 0:
+        return 0
+    return s.tokens * spec.hidden_size * s.cb
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:

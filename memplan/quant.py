@@ -9,7 +9,7 @@ biases stay ordinary parameters. Per quantised weight of n = out x in elements:
   (n / 2, 1) tensor; its `QuantState`: absmax, one fp32 per block of 64 weights, and the 16-entry
   fp32 code. With double quantisation (nf4-dq, `bnb_4bit_use_double_quant`) absmax is uint8 (minus
   its mean, kept as a 0-d fp32 offset), with one fp32 constant per 256 of them (`state2.absmax`)
-  and a 256-entry fp32 code that every layer shares.
+  and its own copy of the 256-entry fp32 dynamic code (`quantize_blockwise` copies it per tensor).
 - int8 (LLM.int8(), `Int8Params`): the int8 weight (n bytes) and its row statistics `SCB`, one fp32
   per output row.
 
@@ -40,7 +40,7 @@ from memplan.overhead import round_block
 BLOCK = 64  # bnb_4bit blocksize (transformers' BitsAndBytesConfig always quantises with 64)
 NESTED_BLOCK = 256  # blocksize of the second level (quantize_blockwise of the absmax)
 CODE_4BIT = 16  # fp32 entries of the nf4 / fp4 code, one per quantised weight
-CODE_NESTED = 256  # fp32 entries of the dynamic 8-bit code of the second level, shared by all layers
+CODE_NESTED = 256  # fp32 entries of the dynamic 8-bit code of the second level, one copy per weight
 # Embeddings that stay unquantised (modules transformers' replace_with_bnb_linear never sees as Linear).
 QUANTISED_GROUPS = ("attention", "mlp")
 QUANTISED_EXTRA = ("project_in", "project_out")  # OPT-350m's projections are nn.Linear
@@ -73,10 +73,7 @@ def is_quantised(t) -> bool:
 
 
 def tensor_bytes(quant: Quant, t) -> int:
-    """Bytes of one quantised weight and its quantisation state, each tensor rounded to 512 B.
-
-    The shared second-level code of nf4-dq is counted once per model (`shared_bytes`).
-    """
+    """Bytes of one quantised weight and its quantisation state, each tensor rounded to 512 B."""
     n = t.numel
     if quant is Quant.INT8:
         return round_block(n) + round_block(t.fan_out * 4)  # int8 weight + SCB (fp32 per row)
@@ -85,14 +82,10 @@ def tensor_bytes(quant: Quant, t) -> int:
     code = round_block(CODE_4BIT * 4)
     if quant is Quant.NF4_DQ:
         nested = -(-blocks // NESTED_BLOCK)
-        # uint8 absmax, fp32 offset (0-d), fp32 state2.absmax
-        return packed + code + round_block(blocks) + round_block(4) + round_block(nested * 4)
+        # uint8 absmax, fp32 offset (0-d), fp32 state2.absmax and state2.code
+        return packed + code + round_block(blocks) + round_block(4) + round_block(nested * 4) \
+            + round_block(CODE_NESTED * 4)
     return packed + code + round_block(blocks * 4)
-
-
-def shared_bytes(quant: Quant) -> int:
-    """State every quantised layer shares: nf4-dq's 256-entry fp32 code of the second level."""
-    return round_block(CODE_NESTED * 4) if quant is Quant.NF4_DQ else 0
 
 
 def dequantised_bytes(cfg: Config, t) -> int:
@@ -205,9 +198,9 @@ def _fake_8bit(w, kw):
 
 @contextlib.contextmanager
 def shared_state(mode=None):
-    """bitsandbytes caches the second-level code of nf4-dq in a module dict (`functional.name2qmap`),
-    shared by every layer; a fake model (`mode`: its FakeTensorMode) gets its own fake copy, and the
-    real cache stays real."""
+    """bitsandbytes caches the second-level code of nf4-dq in a module dict (`functional.name2qmap`)
+    and copies it into each weight's state; a fake model (`mode`: its FakeTensorMode) gets a fake
+    cache to copy from, and the real cache stays real."""
     from bitsandbytes import functional as F
 
     if mode is None:
