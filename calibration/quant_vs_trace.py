@@ -127,9 +127,10 @@ def write_table(records: list[dict]) -> None:
         f"(targets: median <= {MEDIAN_TARGET:.0%}, worst <= {WORST_TARGET:.0%}).",
         "",
         "What neither column sees: allocations inside kernels. On CUDA, bitsandbytes' `gemm_4bit` dequantises",
-        "the whole weight before `F.linear` past its fused-kernel sizes; the trace does not see that",
-        "copy; the analytic tier adds one (`memplan.quant.dequantised_bytes`) to the forward it",
-        "happens in, so it is left out of this comparison as well (see the notes under the table).",
+        "the whole weight (one layer's, in the compute dtype) before `F.linear` past its fused-kernel sizes;",
+        "that transient is inside the op, so the trace does not see it and the analytic tier does not add it.",
+        "The backward's dequantised weight (`dequantize_4bit`, or int8's `CB * SCB`) is an op output: the",
+        "trace counts it; it falls after the peak at the start of backward in every row here.",
         "",
         "| model | method | scheme | dtype | attention | quant | batch | seq | trace MiB | analytic MiB | error "
         "| trace phase | analytic phase |",

@@ -22,9 +22,11 @@ checkpointing (memplan asks for the non-reentrant kind, so peft's `enable_input_
 needed only for the reentrant one, is not installed).
 
 Each quantised layer's matmul dequantises its weight: in backward, bitsandbytes' `MatMul4Bit` and
-`MatMul8bitLt` build the whole weight in the compute dtype for grad_input = grad_output @ W; in
-forward, CUDA's `gemm_4bit` does the same (dequantise, then `F.linear`) past its fused-kernel sizes.
-One layer's copy at a time: a transient of the largest quantised weight.
+`MatMul8bitLt` build the whole weight (compute dtype; int8: its input's, fp32) for grad_input =
+grad_output @ W; in forward, CUDA's `gemm_4bit` does the same (dequantise, then `F.linear`) past its
+fused-kernel sizes. One layer's copy at a time, after the peak at the start of backward; the
+forward's copy is inside the op, where neither tier sees it (not counted). int8 layers also save
+their input for backward (`MatMul8bitLt` keeps A), as a trainable linear layer would.
 
 Only adapters train on a quantised base (bitsandbytes weights have no gradient); ZO methods perturb
 and update the adapters only, never the quantised weights.
@@ -86,16 +88,6 @@ def tensor_bytes(quant: Quant, t) -> int:
         return packed + code + round_block(blocks) + round_block(4) + round_block(nested * 4) \
             + round_block(CODE_NESTED * 4)
     return packed + code + round_block(blocks * 4)
-
-
-def dequantised_bytes(cfg: Config, t) -> int:
-    """One quantised weight dequantised in the compute dtype (plus, for nf4-dq, its absmax dequantised
-    to fp32 first, the offset added in place)."""
-    n = t.numel
-    out = round_block(n * cfg.dtype.compute_bytes)
-    if cfg.quant is Quant.NF4_DQ:
-        out += round_block(-(-n // BLOCK) * 4)
-    return out
 
 
 # ---- the real model (torch imported inside) ---------------------------------------------------
