@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from memplan import hardware
+from memplan import hardware, quant
 from memplan.margin import Margin
-from memplan.options import Attention, Method, Scheme
+from memplan.options import Attention, Method, Quant, Scheme
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
@@ -41,7 +41,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     """Each single change that makes `est` fit on `gpu` (within `margin`), least disruptive first.
 
     Order: kernels and recomputation keep the training maths; then a smaller batch or seq (the
-    largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
+    largest that fits), a PEFT scheme (or, already on adapters, a 4-bit base), a ZO method; last, the
+    smallest catalog GPU that holds it.
     Each change is made to the configuration the estimate carries (`est.config`), every option kept.
     """
     from memplan.pipeline import device_bytes, largest as _largest
@@ -67,6 +68,9 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
             attempt(field, n)
     if cfg.scheme is Scheme.FT:
         attempt("scheme", Scheme.LORA)
+    elif cfg.quant is Quant.NONE and quant.refusal(cfg.replace(quant=Quant.NF4),
+                                                   masked=spec.arch.objective == "masked") is None:
+        attempt("quant", Quant.NF4)  # QLoRA: the frozen base in 4 bits
     if cfg.method is not Method.ZO_SGD:
         attempt("method", Method.ZO_SGD)
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):

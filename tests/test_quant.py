@@ -155,3 +155,25 @@ def test_recorded_traces_are_current(index, tmp_path):
     rec = RECORDS[index]
     fresh = grid.run([tuple(rec["config"].values())], tmp_path / "r.jsonl")
     assert fresh[0]["trace_bytes"] == rec["trace_bytes"]
+
+
+def test_a_4bit_base_is_suggested_for_adapters_that_do_not_fit(run_cli):
+    code, out, err = run_cli("fit", "llama-3.1-8b", "-m", "fo-adam", "--scheme", "lora", "--dtype", "bf16",
+                             "--batch", "1", "--seq", "512", "--gpu", "v100-16gb")
+    assert "--quant nf4 (12.9 GiB)" in out + err
+
+
+def test_plans_and_the_api_take_quant(tmp_path, run_cli):
+    from memplan.api import estimate
+
+    plain = estimate("llama-3.1-8b", "zo-sgd", scheme="lora", dtype="bf16", search=False)
+    nf4 = estimate("llama-3.1-8b", "zo-sgd", scheme="lora", dtype="bf16", quant="nf4", search=False)
+    assert nf4.config.quant is Quant.NF4 and nf4.peak_allocated_bytes < plain.peak_allocated_bytes
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("gpus: [v100-16gb]\nruns:\n  - model: llama-3.1-8b\n    method: fo-adam\n    scheme: lora\n"
+                    "    dtype: bf16\n    quant: nf4\n    batch: 1\n    seq: 512\n")
+    code, out, _ = run_cli("check", str(plan))
+    assert code == 0 and "fits" in out
+    plan.write_text(plan.read_text().replace("scheme: lora", "scheme: ft"))
+    code, out, err = run_cli("check", str(plan))
+    assert code != 0 and "bitsandbytes weights are not trainable" in out + err
