@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan import methods, sharding
+from memplan import methods, quant, sharding
 from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Loss, Scheme
+from memplan.options import Attention, Config, Loss, Quant, Scheme
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -29,8 +29,11 @@ Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 
 def not_modelled(cfg: Config) -> str | None:
-    """Options a tier accepts in `Config` but cannot estimate, or None (a layout no library runs)."""
-    return sharding.refusal(cfg)
+    """Options a tier accepts in `Config` but cannot estimate, or None (a layout no library runs,
+    a quantised base that cannot train)."""
+    if cfg.quant is not Quant.NONE and cfg.num_gpus > 1:
+        return "--quant with --num-gpus above 1 is not modelled yet (FSDP + QLoRA): estimate one GPU"
+    return quant.refusal(cfg) or sharding.refusal(cfg)
 
 
 def host_bytes(cfg: Config, spec: ModelSpec) -> int:
@@ -53,6 +56,13 @@ def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
         if refuse:
             raise MemplanError(refuse)
         arch = _chunked(arch)
+    if cfg.quant is not Quant.NONE:
+        refuse = quant.refusal(cfg, masked=arch.objective == "masked")
+        if refuse:
+            raise MemplanError(refuse)
+        # prepare_model_for_kbit_training leaves fp32 embeddings, norms and lm_head: an fp32 stream.
+        return Ctx(cfg=cfg, spec=spec, arch=arch, tokens=cfg.batch * seq_in, seq_q=seq_in, seq_k=seq_k,
+                   wb=4, cb=4, r=4, amp=False)
     return Ctx(
         cfg=cfg, spec=spec, arch=arch, tokens=cfg.batch * seq_in, seq_q=seq_in,
         seq_k=seq_k, wb=cfg.dtype.weight_bytes, cb=cfg.dtype.compute_bytes,
@@ -74,6 +84,22 @@ def weight_bytes(spec: ModelSpec, wb: int) -> int:
     """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
     params = sum(round_block(t.numel * wb) for t in spec.tensors)
     return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
+
+
+def model_weight_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """The frozen or trained model's own tensors: in --dtype, or quantised (`quantised_weight_bytes`)."""
+    if cfg.quant is Quant.NONE:
+        return weight_bytes(spec, s.wb)
+    return quantised_weight_bytes(spec, cfg.quant)
+
+
+@per_spec
+def quantised_weight_bytes(spec: ModelSpec, q: Quant) -> int:
+    """bitsandbytes' layout (`memplan.quant`): each quantised weight with its state; every other
+    parameter (embeddings, norms, lm_head, biases) in fp32, as prepare_model_for_kbit_training casts it."""
+    params = sum(quant.tensor_bytes(q, t) if quant.is_quantised(t) else round_block(t.numel * 4)
+                 for t in spec.tensors)
+    return params + sum(round_block(t.numel * 4) for t in spec.buffers)
 
 
 @per_spec
@@ -198,7 +224,8 @@ def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) 
     elif mask:
         x_saved = targets * h * (ADAPTER_BYTES + mask)
     elif s.wb == 4:
-        x_saved = h * 4  # the projection input itself, shared by the targets
+        # the projection input itself, shared by the targets (and by an int8 base layer, which saves it too)
+        x_saved = 0 if s.keeps_linear_inputs else h * 4
     else:
         x_saved = targets * h * ADAPTER_BYTES
     middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
@@ -212,6 +239,17 @@ def lora_unsaved_masks(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) ->
     comes from frozen embeddings, so its targets' masks are never saved (T * targets * h).
     """
     return s.tokens * targets * spec.hidden_size if cfg.lora_dropout > 0 else 0
+
+
+def quant_unsaved_inputs(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """Bytes of int8 layers' inputs that the arch formulas count (`Ctx.keeps_linear_inputs`) but the
+    first layer does not save: its attention input comes from frozen embeddings, so MatMul8bitLt keeps
+    no copy of it (T * h in fp32); LoRA without dropout saves that same tensor for its adapters."""
+    if cfg.quant is not Quant.INT8 or cfg.scheme is Scheme.PROMPT:
+        return 0
+    if cfg.scheme is Scheme.LORA and cfg.lora_dropout == 0:
+        return 0
+    return s.tokens * spec.hidden_size * s.cb
 
 
 def fg_logits(cfg: Config, spec: ModelSpec, s: Shapes) -> tuple[int, int]:
@@ -249,7 +287,7 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
 def inputs(cfg: Config, spec: ModelSpec, gpu_family) -> Inputs:
     """What a method's phases read, for the whole model on one device."""
     s = shapes(cfg, spec)
-    weights = weight_bytes(spec, s.wb)
+    weights = model_weight_bytes(cfg, spec, s)
     train = trainable(cfg, spec)
     train_bytes = train.bytes
     if cfg.scheme is not Scheme.FT:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from memplan import arch
 from memplan.errors import MemplanError, one_line
-from memplan.options import Config, Scheme
+from memplan.options import Config, Quant, Scheme
 
 
 def model_config_dict(model: str) -> tuple[str, dict]:
@@ -76,8 +76,14 @@ def lora_targets(config: Config, cfg) -> list[str]:
     raise MemplanError(f"no default LoRA targets for model_type {cfg.model_type!r}; name them in lora_targets")
 
 
-def build_model(config: Config, device="cpu"):
-    """The model with random weights on `device` ('meta' builds no storage), PEFT-wrapped, in train mode."""
+def build_model(config: Config, device="cpu", *, materialise=None, mode=None):
+    """The model with random weights on `device` ('meta' builds no storage), quantised as `config.quant`
+    asks, PEFT-wrapped, in train mode.
+
+    `materialise(model)`, when given, runs on the bare model before it is quantised: the tracer swaps
+    meta weights for fake ones there, since quantising needs their values' shapes and dtypes; `mode`
+    (its FakeTensorMode) is then active while the model is quantised.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -91,6 +97,10 @@ def build_model(config: Config, device="cpu"):
         raise
     except Exception as e:
         raise MemplanError(f"{config.model}: transformers cannot build the model: {one_line(e)}") from None
+    if materialise is not None:
+        materialise(model)
+    if config.quant is not Quant.NONE:
+        return _quantised(config, cfg, model, mode=mode)
     if config.grad_checkpointing and config.method.is_fo:
         # Non-reentrant: works with PEFT (no input needing grad) and saves only layer inputs.
         kwargs = {"use_reentrant": False}
@@ -99,6 +109,26 @@ def build_model(config: Config, device="cpu"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.scheme is not Scheme.FT:
         model = _peft(config, cfg, model)
+    model.train()
+    return model
+
+
+def _quantised(config: Config, cfg, model, *, mode=None):
+    """bitsandbytes layers, peft's prepare_model_for_kbit_training (which also turns on gradient
+    checkpointing when asked), then the adapters."""
+    from memplan import quant
+
+    refuse = quant.refusal(config, masked=is_masked_lm(cfg))
+    if refuse:
+        raise MemplanError(refuse)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MemplanError(f"--quant {config.quant.value} needs the bitsandbytes package (pip install bitsandbytes)") \
+            from None
+    with quant.shared_state(mode):
+        model = quant.quantise(model, config, mode=mode)
+        model = _peft(config, cfg, model)  # adapters on the CPU; a tracer makes them fake next
     model.train()
     return model
 

@@ -123,6 +123,22 @@ class Loss(_Choice):
                           "(torchtune's CEWithChunkedOutputLoss)")
 
 
+class Quant(_Choice):
+    NONE = "none", "base weights in --dtype"
+    INT8 = "int8", "bitsandbytes LLM.int8(): int8 linear weights plus fp32 row statistics (load_in_8bit)"
+    NF4 = "nf4", "bitsandbytes 4-bit NormalFloat, two per byte, an fp32 absmax per 64 weights (QLoRA)"
+    NF4_DQ = "nf4-dq", "nf4 with double quantisation: 8-bit absmax plus an fp32 constant per 256 of them"
+    FP4 = "fp4", "bitsandbytes 4-bit float, two per byte, an fp32 absmax per 64 weights"
+
+    @property
+    def four_bit(self) -> bool:
+        return self in (Quant.NF4, Quant.NF4_DQ, Quant.FP4)
+
+    @classmethod
+    def _kind(cls) -> str:
+        return "quantisation"
+
+
 class Sharding(_Choice):
     AUTO = "auto", "none on one GPU, ddp on more"
     NONE = "none", "one GPU, nothing shared"
@@ -199,6 +215,10 @@ class Config(BaseModel):
     loss_chunks: int = Field(8, ge=1, description="--loss chunked: chunks the sequence is split into "
                              "(torchtune's default is 8).")
 
+    quant: Quant = Field(Quant.NONE, description="Base weights as bitsandbytes quantises them (transformers' "
+                         "BitsAndBytesConfig, compute dtype from --dtype) and peft's prepare_model_for_kbit_training "
+                         "prepares them; only adapters (lora, prefix, prompt) train.")
+
     num_gpus: int = Field(1, ge=1, le=4096, description="Data-parallel ranks (GPUs) the step runs on; "
                           "estimates are per GPU.")
     nodes: int = Field(1, ge=1, le=1024, description="Machines the GPUs are spread over (inter-node defaults).")
@@ -230,7 +250,7 @@ class Config(BaseModel):
             raise MemplanError(str(e)) from None
 
     @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", "loss", "sharding",
-                     "offload", mode="before")
+                     "offload", "quant", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         return cls.model_fields[info.field_name].annotation.parse(value)

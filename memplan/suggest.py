@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from memplan import hardware
+from memplan import hardware, quant
 from memplan.errors import MemplanError
 from memplan.margin import Margin
-from memplan.options import Attention, Method, Offload, Scheme, Sharding
+from memplan.options import Attention, Method, Offload, Quant, Scheme, Sharding
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
@@ -59,7 +59,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     """Each single change that makes `est` fit on `gpu` (within `margin`), least disruptive first.
 
     Order: kernels and recomputation keep the training maths; then a smaller batch or seq (the
-    largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
+    largest that fits), a PEFT scheme (or, already on adapters, a 4-bit base), a ZO method; last, the
+    smallest catalog GPU that holds it.
     Each change is made to the configuration the estimate carries (`est.config`), every option kept.
     """
     from memplan.analytic import host_bytes
@@ -93,6 +94,9 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
             attempt(field, n)
     if cfg.scheme is Scheme.FT:
         attempt("scheme", Scheme.LORA)
+    elif cfg.quant is Quant.NONE and quant.refusal(cfg.replace(quant=Quant.NF4),
+                                                   masked=spec.arch.objective == "masked") is None:
+        attempt("quant", Quant.NF4)  # QLoRA: the frozen base in 4 bits
     if cfg.method is not Method.ZO_SGD:
         attempt("method", Method.ZO_SGD)
     out.extend(layouts(cfg, spec, gpu, budget, host_ok))

@@ -25,12 +25,13 @@ guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps w
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.result import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Loss, Scheme
+from memplan.options import Attention, Config, Loss, Quant, Scheme
 
 
 @dataclass
@@ -46,18 +47,31 @@ MAX_CYCLE_STEPS = 8  # a method whose steps repeat every n: the trace measures n
 
 
 def fake_model(config: Config, fake_mode, device: str = "cpu"):
-    """The model built on meta, then every parameter and buffer swapped for a fake tensor on `device`."""
-    import torch
+    """The model built on meta, then every parameter and buffer swapped for a fake tensor on `device`.
 
+    A quantised model (`--quant`) gets its fake weights before bitsandbytes quantises them (under
+    `fake_mode`, whose kernels give the packed shapes), and its adapters are made fake as peft adds them.
+    """
     from memplan.steps import build_model
 
-    model = build_model(config, "meta")
+    swap = functools.partial(_fake_tensors, fake_mode=fake_mode, device=device)
+    if config.quant is Quant.NONE:
+        return swap(build_model(config, "meta"))
+    return swap(build_model(config, "meta", materialise=swap, mode=fake_mode))
+
+
+def _fake_tensors(model, *, fake_mode, device: str):
+    """Every parameter and buffer of `model` that is not fake yet replaced by a fake one (tied stay tied)."""
+    import torch
+
+    from memplan._compat import is_fake
+
     memo: dict[int, torch.Tensor] = {}
     with fake_mode:
         for module in model.modules():
             for slots in (module._parameters, module._buffers):
                 for key, t in slots.items():
-                    if t is None:
+                    if t is None or is_fake(t):
                         continue
                     if id(t) not in memo:  # tied weights stay tied
                         new = torch.empty(t.shape, dtype=t.dtype, device=device)
@@ -68,7 +82,8 @@ def fake_model(config: Config, fake_mode, device: str = "cpu"):
             for key, value in vars(module).items():  # peft keeps index tensors in plain dicts
                 if isinstance(value, dict):
                     for k, v in list(value.items()):
-                        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) \
+                                and not is_fake(v):
                             value[k] = torch.empty(v.shape, dtype=v.dtype, device=device)
     return model
 
@@ -112,7 +127,7 @@ def trace_step(config: Config, *, real: bool = False,
         numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
     tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels))
     seen: dict[int, object] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:
         seen.setdefault(id(t), t)
     tracker.adopt(seen.values(), Category.WEIGHTS)
     params = trainable(model)
@@ -150,6 +165,15 @@ def trace_step(config: Config, *, real: bool = False,
                         f"{measured} after the warm-up, so a peak in a later one is not seen")
     warnings += _attention_warnings(config, base)
     return Traced(tracker.peak(start), n_train, total, warnings)
+
+
+def _quant_state(config: Config, model) -> list:
+    """The quantisation state bitsandbytes keeps beside the weights (absmax, codes, row statistics)."""
+    if config.quant is Quant.NONE:
+        return []
+    from memplan import quant
+
+    return quant.state_tensors(model)
 
 
 def _attention_warnings(config: Config, cfg) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from memplan.options import Attention, Config, Scheme
+from memplan.options import Attention, Config, Quant, Scheme
 from memplan.overhead import round_block
 
 if TYPE_CHECKING:
@@ -79,6 +79,12 @@ class Ctx:
     def trains(self) -> bool:
         """The layers' own weights train (full fine-tuning); LoRA's paths are counted apart."""
         return self.cfg.scheme is Scheme.FT
+
+    @property
+    def keeps_linear_inputs(self) -> bool:
+        """The layers' linear modules save their input for backward: their weights train, or
+        bitsandbytes' int8 matmul (`--quant int8`: MatMul8bitLt keeps A) holds it."""
+        return self.trains or self.cfg.quant is Quant.INT8
 
 
 # ---- tensor lists ---------------------------------------------------------------------------
@@ -150,7 +156,7 @@ def attention(ctx: Ctx, *, repeat_kv: bool = False) -> int:
     # Eager: the matmuls save contiguous copies of q, k, v (k and v repeated to every head for GQA),
     # and o_proj saves the transposed output's contiguous copy.
     k_width = q if repeat_kv and spec.num_kv_heads != spec.num_heads else kv
-    return cb * (q + 2 * k_width) + (cb * q if ctx.trains else 0)
+    return cb * (q + 2 * k_width) + (cb * q if ctx.keeps_linear_inputs else 0)
 
 
 def dense_live(kind: LayerKind, ctx: Ctx) -> int:

@@ -46,17 +46,17 @@ def tensors(s) -> list[Tensor]:
 
 
 def saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
-    spec, cb, trains = ctx.spec, ctx.cb, ctx.trains
+    spec, cb = ctx.spec, ctx.cb
     h, f = spec.hidden_size, spec.intermediate_size
     drop = mask(spec.hidden_dropout)
     n = 2 * ctx.r * h
-    n += cb * h if trains else 0  # c_attn's input
+    n += cb * h if ctx.keeps_linear_inputs else 0  # c_attn's input
     n += attention(ctx)
-    n += cb * h if trains else 0  # c_fc's input
+    n += cb * h if ctx.keeps_linear_inputs else 0  # c_fc's input
     # gelu_new = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): saves x, tanh(.), 1 + tanh(.),
     # 0.5 x (4 tensors; fp32 tanh terms under autocast, where pow runs in fp32), and c_proj its output.
     gelu = (2 * cb + 2 * 4) if ctx.amp else 4 * cb
-    n += f * (gelu + (cb if trains else 0))
+    n += f * (gelu + (cb if ctx.keeps_linear_inputs else 0))
     n += 2 * drop * h
     return n, score_bytes(ctx, fp32_softmax=False)
 

@@ -63,13 +63,13 @@ def saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
     # value cast back that `weight * x` saves (fp32 when the input is): 4 + cb, or 8; frozen: 4.
     rms = 4 + ((4 if ctx.r == 4 else cb) if trains else 0)
     n = 2 * rms * h
-    if trains:
+    if ctx.keeps_linear_inputs:
         n += (3 if ctx.amp else 1) * cb * h
     n += attention(ctx, repeat_kv=True)
-    if trains:
+    if ctx.keeps_linear_inputs:
         n += (2 if ctx.amp else 1) * cb * h  # gate and up read the second norm's output
     # act(gate) saves gate's output; act * up saves both factors; down saves the product.
-    n += cb * f * (4 if trains else 3)
+    n += cb * f * (4 if ctx.keeps_linear_inputs else 3)
     return n, score_bytes(ctx, fp32_softmax=True)
 
 

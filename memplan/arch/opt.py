@@ -58,9 +58,9 @@ def _saved_per_token(ctx: Ctx) -> int:
     h, f = spec.hidden_size, spec.intermediate_size
     drop = mask(spec.hidden_dropout)
     n = 2 * ctx.r * h  # the two LayerNorm inputs (the residual stream)
-    n += (3 if ctx.amp else 1) * cb * h if ctx.trains else 0  # q/k/v input: shared, or one cast each
+    n += (3 if ctx.amp else 1) * cb * h if ctx.keeps_linear_inputs else 0  # q/k/v input: shared, or one cast each
     n += attention(ctx)
-    n += cb * h if ctx.trains else 0  # fc1's input (the second LayerNorm output, or its cast)
+    n += cb * h if ctx.keeps_linear_inputs else 0  # fc1's input (the second LayerNorm output, or its cast)
     n += cb * f  # ReLU saves its output, which is fc2's input too
     return n + 2 * drop * h
 

@@ -25,10 +25,10 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     trains_weights = cfg.scheme is Scheme.FT
     e = a.scores(cfg, spec, s)
     L = spec.num_layers
-    lora = unsaved = 0
+    lora, unsaved = 0, a.quant_unsaved_inputs(cfg, spec, s)
     if cfg.scheme is Scheme.LORA:
         lora = a.lora_saved_per_token(cfg, spec, s, targets=train.count // 2 // L)
-        unsaved = a.lora_unsaved_masks(cfg, spec, s, targets=train.count // 2 // L)
+        unsaved += a.lora_unsaved_masks(cfg, spec, s, targets=train.count // 2 // L)
 
     def kept(kind) -> int:
         per_token, per_score = s.arch.saved(kind, s)
