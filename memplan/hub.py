@@ -110,6 +110,10 @@ def cached(repo: str, revision: str | None = None) -> Path | None:
         commit = revision if revision and COMMIT.fullmatch(revision) else _ref(base, revision or "main")
         if commit is not None and (base / "snapshots" / commit / "config.json").is_file():
             return base / "snapshots" / commit / "config.json"
+        if revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):  # a short commit, as estimates name it
+            found = list((base / "snapshots").glob(f"{revision}*/config.json"))
+            if len(found) == 1:
+                return found[0]
         if revision is None:
             found = sorted((base / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
             if found:

@@ -15,7 +15,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from memplan import arch as archs
-from memplan import configs, hub
+from memplan import configs
 from memplan.arch._common import Tensor
 from memplan.errors import MemplanError, unknown
 
@@ -174,6 +174,8 @@ def resolve(model: str) -> ModelSpec:
             spec = spec_from_config(e["config"], e["id"], source=e.get("source", ""), where=e["id"])
             _RESOLVED[model] = spec
             return spec
+    from memplan import hub  # not imported for a catalog model: fit on one starts as fast as it can
+
     path = configs.config_path(model)  # None: no such local path
     if path is not None:
         cfg, note = hub.text_model(_read_config(path), str(path))

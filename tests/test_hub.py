@@ -80,6 +80,7 @@ def test_a_revision_is_fetched_and_then_found_by_its_name_offline(served):
     server.stop()
     assert resolve("acme/tiny-llama@v2").param_count == WIDE_VOCAB_PARAMS  # refs/v2 in the cache
     assert resolve(f"acme/tiny-llama@{main}").param_count == TINY_LLAMA_PARAMS  # snapshots/<commit>
+    assert resolve(spec.name).param_count == WIDE_VOCAB_PARAMS  # the short commit an estimate is named by
     with pytest.raises(MemplanError, match="could not reach the hub"):
         resolve("acme/tiny-llama@v3")  # a revision never fetched is not guessed from another
 
@@ -276,3 +277,31 @@ def test_a_fresh_process_fetches_and_then_runs_offline(served, tmp_path):
     assert offline.stderr.count("\n") == 1 and "HF_HUB_OFFLINE is set" in offline.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout)["estimates"][0]["model"].startswith("acme/tiny-llama@")
+
+
+def test_trace_and_check_plans_resolve_a_hub_id_as_fit_does(served, run_cli, tmp_path):
+    hub, server, _ = served
+    commit = hub.add("acme/tiny-llama", TINY_LLAMA)
+    neox = {"model_type": "gpt_neox", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
+    hub.add("acme/tiny-neox", neox)  # no analytic family: the trace alone plans it
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("gpus: [h100]\nruns:\n  - name: hub\n    model: acme/tiny-llama\n    method: zo-sgd\n")
+    code, out, err = run_cli("check", str(plan), "--json")  # fetches
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["estimate"]["model"] == f"acme/tiny-llama@{commit[:7]}"
+    code, out, err = run_cli("trace", "acme/tiny-neox", "-m", "zo-sgd", "--dtype", "fp32", "--batch", "1",
+                             "--seq", "8", "--json")  # fetches
+    assert code == 0, err
+    server.stop()  # both run from the cache now
+    code, out, err = run_cli("trace", "acme/tiny-llama", "-m", "zo-sgd", "--dtype", "fp32", "--batch", "1",
+                             "--seq", "8", "--json")
+    assert code == 0, err
+    traced = json.loads(out)["estimates"][0]
+    assert traced["model"] == f"acme/tiny-llama@{commit[:7]}"
+    assert traced["trainable_params"] == TINY_LLAMA_PARAMS
+    code, out, err = run_cli("trace", "acme/tiny-neox", "-m", "zo-sgd", "--dtype", "fp32", "--batch", "1",
+                             "--seq", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["estimates"][0]["model"].startswith("acme/tiny-neox@")
+    assert run_cli("check", str(plan), "--json")[0] == 0
