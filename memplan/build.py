@@ -31,8 +31,8 @@ def model_config_dict(model: str) -> tuple[str, dict]:
 
         path = config_path(model)
         if path is not None and path.suffix == ".json":
-            cfg, note = hub.text_model(read_config(path), str(path))
-            name, where = str(model) + note, str(path)
+            cfg, note, where = hub.text_model(read_config(path), str(path))
+            name = str(model) + note
         elif path is None and (found := hub.find(model)) is not None:
             cfg, name, where = found.config, found.name, found.where
         else:

@@ -220,21 +220,21 @@ def _unreachable(repo: str, why: str, known: Iterable[str]) -> HubError:
 # ---- what trains -------------------------------------------------------------------------------
 
 
-def text_model(cfg: dict, where: str) -> tuple[dict, str]:
-    """The config of the language model a causal-LM fine-tune trains, and a note when it is not `cfg`.
-
-    A multimodal config (gemma3, mllama, llava...) holds its language model in `text_config`; a
-    config memplan reads as it is (a registered model_type) stays as it is.
+def text_model(cfg: dict, where: str) -> tuple[dict, str, str]:
+    """(config, note, where) of the language model a causal-LM fine-tune trains: `cfg` itself, or the
+    `text_config` of a multimodal config (gemma3, mllama, llava...), with a note for its name and
+    `where` naming that part for error messages. A config of a registered model_type stays as it is.
     """
     text, mt = cfg.get("text_config"), cfg.get("model_type")
     if not isinstance(text, dict) or archs.find(mt) is not None:
-        return cfg, ""
+        return cfg, "", where
     if not isinstance(text.get("model_type"), str) or not text["model_type"]:
         raise MemplanError(f"{configs._text(where, 200)}: a {configs._text(str(mt))!r} config whose text_config has "
                            "no model_type; memplan plans text models: give the config of its language model")
+    where = f"{where} text_config"
     if mt in CAUSAL_LM_IS_TEXT_MODEL:
-        return dict(text), f" (text model, {text['model_type']})"
-    return dict(text), f" (text model, {text['model_type']}; the {mt} vision tower is not counted)"
+        return dict(text), f" (text model, {text['model_type']})", where
+    return dict(text), f" (text model, {text['model_type']}; the {mt} vision tower is not counted)", where
 
 
 def find(model: str, *, known: Iterable[str] = ()) -> Found | None:
@@ -249,6 +249,5 @@ def find(model: str, *, known: Iterable[str] = ()) -> Found | None:
         path = fetch(repo, revision, known=known)
         url = f" from {endpoint()}/{repo}"
     commit = path.parent.name
-    where = f"{repo} ({'hub' if url else 'local cache'})"
-    cfg, note = text_model(configs.read_config(path), where)
+    cfg, note, where = text_model(configs.read_config(path), f"{repo} ({'hub' if url else 'local cache'})")
     return Found(cfg, f"{repo}@{commit[:SHORT_COMMIT]}{note}", f"{path}{url}", where)

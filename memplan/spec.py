@@ -178,8 +178,8 @@ def resolve(model: str) -> ModelSpec:
 
     path = configs.config_path(model)  # None: no such local path
     if path is not None:
-        cfg, note = hub.text_model(_read_config(path), str(path))
-        return spec_from_config(cfg, str(model) + note, source=str(path), where=str(path))
+        cfg, note, where = hub.text_model(_read_config(path), str(path))
+        return spec_from_config(cfg, str(model) + note, source=str(path), where=where)
     if Path(model).suffix == ".json":
         raise MemplanError(f"{model}: no such file")
     found = hub.find(model, known=catalog_names())  # the local HF cache, else the hub; None: no hub id

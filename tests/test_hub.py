@@ -16,7 +16,7 @@ from hub_server import Hub, Server
 from memplan import hub as hub_mod
 from memplan.build import model_config_dict
 from memplan.errors import MemplanError
-from memplan.spec import resolve
+from memplan.spec import SUPPORTED_TYPES, resolve
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 97, "hidden_size": 16, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 40,
@@ -203,6 +203,23 @@ def test_multimodal_config_plans_its_text_model(served):
     assert spec.name.endswith("(text model, llama; the llava vision tower is not counted)")
 
 
+def test_gemma3_plans_its_text_model_and_an_unsupported_one_keeps_its_message(served):
+    hub, _, _ = served
+    text = {"model_type": "gemma3_text", "vocab_size": 97, "hidden_size": 16, "intermediate_size": 40,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
+            "max_position_embeddings": 32, "sliding_window": 8}
+    hub.add("acme/tiny-gemma3", {"model_type": "gemma3", "text_config": text, "vision_config": {}})
+    if "gemma3_text" in SUPPORTED_TYPES:
+        assert resolve("acme/tiny-gemma3").name.endswith("(text model, gemma3_text; the gemma3 vision tower is not "
+                                                         "counted)")
+    else:
+        with pytest.raises(MemplanError, match=r"acme/tiny-gemma3 \(hub\) text_config: model_type 'gemma3_text' "
+                           r"is not supported"):
+            resolve("acme/tiny-gemma3")
+    name, fields = model_config_dict("acme/tiny-gemma3")  # the trace builds the text model from the cache
+    assert fields == text and name.endswith("the gemma3 vision tower is not counted)")
+
+
 def test_text_config_without_model_type_says_what_is_wrong(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llava", "text_config": {"hidden_size": 16}}))
@@ -305,3 +322,11 @@ def test_trace_and_check_plans_resolve_a_hub_id_as_fit_does(served, run_cli, tmp
     assert code == 0, err
     assert json.loads(out)["estimates"][0]["model"].startswith("acme/tiny-neox@")
     assert run_cli("check", str(plan), "--json")[0] == 0
+
+
+def test_a_cache_that_cannot_be_written_says_so(served, tmp_path, monkeypatch):
+    served[0].add("acme/tiny-llama", TINY_LLAMA)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))  # under a regular file: no folder there
+    with pytest.raises(hub_mod.HubError, match=r"cannot write the Hugging Face cache \(.*a-file.*\); set HF_HUB_CACHE"):
+        resolve("acme/tiny-llama")
