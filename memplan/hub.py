@@ -34,7 +34,7 @@ SHORT_COMMIT = 7  # as the hub's pages and git show a commit
 # when fine-tuned as text LMs, but transformers' own causal-LM class for them keeps the vision tower:
 # memplan plans the text model and says the tower is not counted. (transformers 5.24,
 # models/auto/modeling_auto.py MODEL_FOR_CAUSAL_LM_MAPPING_NAMES; a test checks this against it.)
-CAUSAL_LM_IS_TEXT_MODEL = frozenset({"llama4", "mllama", "qwen3_5", "qwen3_5_moe", "emu3"})
+CAUSAL_LM_IS_TEXT_MODEL = frozenset({"dots3_note", "emu3", "llama4", "mllama", "qwen3_5", "qwen3_5_moe", "qwen4_exp"})
 
 
 class HubError(MemplanError):
