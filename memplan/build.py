@@ -13,26 +13,34 @@ from memplan.options import Config, Quant, Scheme
 
 
 def model_config_dict(model: str) -> tuple[str, dict]:
-    """(name, transformers config fields) of a catalog model, alias or config.json path.
+    """(name, transformers config fields) of a catalog model, alias, config.json path or hub id.
 
-    Architectures outside memplan's analytic catalog still trace, as long as transformers builds them.
+    Architectures outside memplan's analytic catalog still trace, as long as transformers builds them;
+    their config comes from the same places (`spec.resolve`), a hub id's from the cache it was fetched to.
     """
+    from memplan import hub
     from memplan.spec import resolve
 
     try:
         spec = resolve(model)
         return spec.name, dict(spec.config)
+    except hub.HubError:
+        raise  # the hub gave no config: asking again cannot help
     except MemplanError:
         from memplan.configs import check_config, config_path, read_config
 
         path = config_path(model)
-        if path is None or path.suffix != ".json":
+        if path is not None and path.suffix == ".json":
+            cfg, note, where = hub.text_model(read_config(path), str(path))
+            name = str(model) + note
+        elif path is None and (found := hub.find(model)) is not None:
+            cfg, name, where = found.config, found.name, found.where
+        else:
             raise
-        cfg = read_config(path)
-        check_config(cfg, str(path))
+        check_config(cfg, where)
         if not isinstance(cfg, dict) or not cfg.get("model_type"):
             raise MemplanError(f"{model}: config has no 'model_type'") from None
-        return str(model), cfg
+        return name, cfg
 
 
 def hf_config(config: Config):

@@ -13,13 +13,16 @@ class MemplanError(Exception):
 def unknown(kind: str, name: str, valid: Iterable[str], *, listing: str | None = None) -> MemplanError:
     """The error for an unknown `name`: close matches, then all valid names or the command that lists them."""
     valid = sorted(set(valid))
-    by_lower = {v.lower(): v for v in valid}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=4, cutoff=0.6)
-    head = f"unknown {kind} {name!r}"
-    if close:
-        head += f" (did you mean {', '.join(by_lower[c] for c in close)}?)"
+    head = f"unknown {kind} {name!r}{did_you_mean(name, valid)}"
     tail = f"`{listing}` lists them all" if listing else f"valid: {', '.join(valid)}"
     return MemplanError(f"{head}; {tail}")
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """` (did you mean a, b?)` naming up to four close matches of `name` (any case), or ''."""
+    by_lower = {v.lower(): v for v in sorted(set(valid))}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=4, cutoff=0.6)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
 def one_line(exc: BaseException, *, limit: int = 300, with_type: bool = False) -> str:

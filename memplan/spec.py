@@ -156,29 +156,6 @@ def catalog_names() -> list[str]:
     return names
 
 
-def _hf_cache_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub")
-    return dirs
-
-
-def _from_hf_cache(model_id: str) -> Path | None:
-    if model_id.count("/") > 1:
-        return None
-    folder = "models--" + model_id.replace("/", "--")
-    for root in _hf_cache_dirs():
-        snaps = root / folder / "snapshots"
-        if snaps.is_dir():
-            found = sorted(snaps.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-            if found:
-                return found[0]
-    return None
-
-
 def _read_config(path: Path) -> dict:
     return configs.read_config(path)
 
@@ -187,7 +164,8 @@ _RESOLVED: dict[str, ModelSpec] = {}
 
 
 def resolve(model: str) -> ModelSpec:
-    """A catalog id or alias (any case), a config.json or a folder with one, or a hub id in the local cache."""
+    """A catalog id or alias (any case), a config.json or a folder with one, or a hub id (`owner/name[@revision]`):
+    from the local Hugging Face cache, else fetched from the hub (memplan.hub)."""
     if model in _RESOLVED:
         return _RESOLVED[model]
     key = model.strip().lower()
@@ -196,13 +174,17 @@ def resolve(model: str) -> ModelSpec:
             spec = spec_from_config(e["config"], e["id"], source=e.get("source", ""), where=e["id"])
             _RESOLVED[model] = spec
             return spec
+    from memplan import hub  # not imported for a catalog model: fit on one starts as fast as it can
+
     path = configs.config_path(model)  # None: no such local path
     if path is not None:
-        cfg = _read_config(path)
-        return spec_from_config(cfg, str(model), source=str(path), where=str(path))
-    if Path(model).suffix == ".json" or os.sep in model and not model.count("/") == 1:
+        cfg, note, where = hub.text_model(_read_config(path), str(path))
+        return spec_from_config(cfg, str(model) + note, source=str(path), where=where)
+    if Path(model).suffix == ".json":
         raise MemplanError(f"{model}: no such file")
-    cached = _from_hf_cache(model)
-    if cached is not None:
-        return spec_from_config(_read_config(cached), model, source=str(cached), where=f"{model} (local cache)")
+    found = hub.find(model, known=catalog_names())  # the local HF cache, else the hub; None: no hub id
+    if found is not None:
+        return spec_from_config(found.config, found.name, source=found.source, where=found.where)
+    if os.sep in model:
+        raise MemplanError(f"{model}: no such file")
     raise unknown("model", model, catalog_names(), listing="memplan models")

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner
 
-from memplan.cli import app
+def _hermetic_hub() -> None:
+    """No test reaches the real Hugging Face hub nor reads the user's Hugging Face home.
+
+    huggingface_hub reads HF_ENDPOINT and HF_HOME once, when first imported, so they are set before
+    any test imports it: the hub is a free local port (tests/hub_server.py serves it when a test
+    needs a hub; otherwise a connection there is refused at once), the home an empty folder.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tempfile.mkdtemp(prefix="memplan-test-hf-")
+    atexit.register(shutil.rmtree, home, True)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                "HF_TOKEN_PATH"):
+        os.environ.pop(key, None)
+    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=home)
+
+
+_hermetic_hub()
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from memplan.cli import app  # noqa: E402
 
 DATA = Path(__file__).with_name("data")
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared helpers by module name

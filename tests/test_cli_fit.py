@@ -94,7 +94,7 @@ def test_fit_imports_no_torch_transformers_matplotlib():
     code = ("import sys; from memplan.cli import main\n"
             "try:\n    main(['fit', 'opt-13b', '--method', 'all', '--gpu', 'h100', '--json'])\n"
             "except SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'huggingface_hub') if m in sys.modules]\n"
             "sys.stderr.write(repr(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip().endswith("[]"), done.stderr

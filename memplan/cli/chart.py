@@ -18,7 +18,7 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Chart file: .pn
 MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma-separated methods, or 'all'.")]
 MarginOpt = Annotated[str, typer.Option(help="Memory kept free: a share (5%) or an amount (2GiB).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print the plotted numbers as JSON.")]
-ModelArg = Annotated[str, typer.Argument(help="Catalog id or alias, or a config.json.")]
+ModelArg = Annotated[str, typer.Argument(help="Catalog id or alias, a config.json, or a hub id (owner/name[@revision]).")]
 
 
 def _finish(chart, output: Path, as_json: bool) -> None:

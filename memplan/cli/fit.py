@@ -16,7 +16,8 @@ def estimates_command(tier: str):
     @with_config_options
     @guarded
     def command(
-        model: str = typer.Argument(..., help="Catalog id or alias (opt-13b), config.json, or a folder with one."),
+        model: str = typer.Argument(..., help="Catalog id or alias (opt-13b), config.json or a folder with one, "
+                                   "or a hub id (Qwen/Qwen3-8B[@revision]: local HF cache, else downloaded)."),
         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method (repeatable, "
                                                    "comma-separated) or 'all'; default zo-sgd."),
         *,
