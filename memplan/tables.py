@@ -37,6 +37,7 @@ class Entry:
     buffer: bool = False
     itemsize: int = 4
     transposed: bool = False
+    linear: bool = False  # of an nn.Linear / Conv1D other than the output head (peft's all-linear)
 
 
 @lru_cache(maxsize=1)
@@ -205,4 +206,5 @@ def _entry(name: str, e: dict, values: dict, layer: int | None) -> Entry:
     shape = tuple(int(evaluate(d, values)) for d in e["shape"])
     if any(d < 0 for d in shape):
         raise MemplanError(f"tensor table: {name} comes out with a negative size {shape}")
-    return Entry(name, shape, layer, e.get("buffer", False), e.get("itemsize", 4), e.get("transposed", False))
+    return Entry(name, shape, layer, e.get("buffer", False), e.get("itemsize", 4), e.get("transposed", False),
+                 e.get("linear", False))

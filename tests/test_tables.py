@@ -89,6 +89,13 @@ def test_each_switch_flipped(mt, switch):
     assert from_table(cfg) == got
 
 
+@pytest.mark.parametrize("mt", [t for t in TYPES if t != "falcon"])  # FalconConfig.head_dim is a read-only property
+def test_head_dim_given(mt):
+    # head_dim 64 with 8 heads of a 256-wide model: read by the class, by getattr in the model, or ignored.
+    cfg = {**shrunk(mt, SMALL), "head_dim": 64}
+    assert from_table(cfg) == meta_build(cfg)
+
+
 def test_two_switches_at_once():
     # Falcon-40B's layout: new decoder architecture, grouped kv heads, no bias, untied head; falcon-rw: alibi off
     # with the old layout and multi_query off.

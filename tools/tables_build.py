@@ -66,7 +66,7 @@ CONCRETE = {"num_hidden_layers", "n_layer", "num_layers", "n_layers", "chunk_siz
             "num_ln_in_parallel_attn", "moe_layer_freq", "norm_topk_prob", "router_aux_loss_coef"}
 # Optional integer fields a config may leave null: head_dim given or not is a structural variant.
 OPTIONAL_INTS = ("head_dim", "q_lora_rank", "n_inner", "ffn_hidden_size", "num_key_value_heads",
-                 "word_embed_proj_dim", "partial_rotary_factor")
+                 "word_embed_proj_dim")
 SKIP_BOOLS = {"return_dict", "output_hidden_states", "torchscript", "use_cache", "is_encoder_decoder",
               "is_decoder", "add_cross_attention", "tie_encoder_decoder", "output_attentions",
               "use_return_dict", "_output_attentions", "use_bfloat16", "tf_legacy_loss", "use_sliding_window",
@@ -176,7 +176,8 @@ class Build:
         p = partial_rotary(defaults)
         if p is not None:
             self.names[sympy.Float(p)] = sympy.Symbol("partial_rotary_factor")
-        plain = {k: v for k, v in over.items() if k not in self.sym}
+        # null for a field the class lacks means: leave it out
+        plain = {k: v for k, v in over.items() if k not in self.sym and (v is not None or hasattr(defaults, k))}
         cfg = transformers.AutoConfig.for_model(model_type, **fixed, **plain, **self.sym)
         self.cfg = cfg
         n_cfg = len(env.guards)
@@ -207,6 +208,9 @@ class Build:
         """({name: entry} outside the layers, {layer index: {suffix: entry}})."""
         outside, layers = {}, {}
         transposed = {name for name, m in self.model.named_modules() if type(m).__name__ == "Conv1D"}
+        out_emb = self.model.get_output_embeddings()
+        linear = {name for name, m in self.model.named_modules()
+                  if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and m is not out_emb}
         items = [(n, p, "p") for n, p in self.model.named_parameters()]
         items += [(n, b, "b") for n, b in self.model.named_buffers()]
         for name, t, kind in items:
@@ -218,6 +222,8 @@ class Build:
             module = name.rsplit(".", 1)[0]
             if module in transposed and name.endswith(".weight"):
                 entry["transposed"] = True
+            if module in linear and kind == "p":
+                entry["linear"] = True
             m = re.match(r"^(.*?\.)(\d+)\.(.*)$", name)
             if m:
                 entry["prefix"] = m.group(1)
@@ -300,7 +306,9 @@ def table(model_type: str) -> dict:
     rules = default_rules(model_type)
     # Structural switches: a bool flipped, or an optional int nulled / given, that changes the tensors.
     switches: dict[str, list] = {}
-    for k, v in d.items():
+    # An optional int the class lacks may still be read (Qwen3-MoE: getattr(config, "head_dim", h // heads)).
+    absent = {k: None for k in OPTIONAL_INTS if k not in d}
+    for k, v in [*d.items(), *absent.items()]:
         if k in SKIP_BOOLS or k.startswith("_"):
             continue
         if isinstance(v, bool):

@@ -50,6 +50,8 @@ class Arch:
     uncast: tuple[str, ...] = ()  # embedding modules autocast never casts (lookups, not matmuls)
     # field overrides under an older transformers release this family behaved differently in
     versions: Mapping[HfVersion, Mapping[str, object]] = field(default_factory=dict)
+    # non-empty where the activation formulas are borrowed from another family (a warning on estimates)
+    activations_note: str = ""
 
     def at(self, version: HfVersion) -> Arch:
         """This family as `version` of transformers runs it."""
@@ -105,3 +107,7 @@ def _register_all() -> None:
 
 
 _register_all()
+
+from memplan.arch import _generic  # noqa: E402 -- every table type no module above registered
+
+_generic.register_remaining()
