@@ -24,7 +24,7 @@ from pathlib import Path
 
 from memplan.errors import MemplanError
 
-TABLES_PATH = Path(__file__).with_name("data") / "tensors.json"
+TABLES_DIR = Path(__file__).with_name("data") / "tensors"  # one <model_type>.json each, read on first use
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +41,17 @@ class Entry:
 
 
 @lru_cache(maxsize=1)
-def _tables() -> dict:
-    return json.loads(TABLES_PATH.read_text())["types"]
-
-
 def model_types() -> tuple[str, ...]:
-    """Every model_type the tables cover, sorted."""
-    return tuple(sorted(_tables()))
+    """Every model_type the tables cover, sorted (a directory listing: no table is parsed)."""
+    return tuple(sorted(p.stem for p in TABLES_DIR.glob("*.json")))
 
 
+@lru_cache(maxsize=None)
 def table(model_type: str) -> dict | None:
-    return _tables().get(model_type)
+    """The table of one model_type, or None."""
+    if model_type not in model_types():
+        return None
+    return json.loads((TABLES_DIR / f"{model_type}.json").read_text())
 
 
 # ---- the expression evaluator -------------------------------------------------------------------

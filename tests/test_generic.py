@@ -36,7 +36,9 @@ def test_hand_families_agree_with_the_tables(mt):
 
 
 def test_every_table_type_is_a_family():
-    assert set(tables.model_types()) <= set(arch.ARCHS)
+    assert set(tables.model_types()) <= set(arch.supported_types())
+    for mt in tables.model_types():
+        assert arch.get(mt).model_types == (mt,) or mt in HAND
 
 
 @pytest.mark.parametrize("mt, targets", [
@@ -52,9 +54,9 @@ def test_lora_defaults_where_peft_has_none(mt, targets):
 
 def test_lora_defaults_follow_peft_where_it_has_them():
     peft_map = pytest.importorskip("peft.utils.constants").TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    for mt, family in arch.ARCHS.items():
+    for mt in arch.supported_types():
         if mt in peft_map:
-            assert tuple(family.lora_targets) == tuple(peft_map[mt]), mt
+            assert tuple(arch.get(mt).lora_targets) == tuple(peft_map[mt]), mt
 
 
 def test_lora_targets_help_names_the_defaults():

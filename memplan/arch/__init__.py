@@ -78,13 +78,27 @@ def register(arch: Arch) -> Arch:
 
 
 def supported_types() -> tuple[str, ...]:
-    """Every registered model_type, sorted (what error messages list)."""
-    return tuple(sorted(ARCHS))
+    """Every model_type memplan reads: the registered families and every type of the tensor tables, sorted."""
+    from memplan import tables
+
+    return tuple(sorted(set(ARCHS) | set(tables.model_types())))
+
+
+def _table_family(model_type: str | None) -> Arch | None:
+    """The table-driven family of a type no module registered, registered on first use (fit on a
+    hand-written family parses no table)."""
+    from memplan import tables
+
+    if not isinstance(model_type, str) or model_type not in tables.model_types():
+        return None
+    import memplan.arch._generic as generic
+
+    return generic.register_type(model_type)
 
 
 def get(model_type: str | None, *, where: str = "config") -> Arch:
     """The family of `model_type`, or an error listing the supported ones."""
-    if model_type not in ARCHS:
+    if model_type not in ARCHS and _table_family(model_type) is None:
         raise MemplanError(
             f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_types())}"
         )
@@ -93,7 +107,7 @@ def get(model_type: str | None, *, where: str = "config") -> Arch:
 
 def find(model_type: str | None) -> Arch | None:
     """The family of `model_type`, or None (the trace tier also runs unregistered architectures)."""
-    return ARCHS.get(model_type)
+    return ARCHS.get(model_type) or _table_family(model_type)
 
 
 def _register_all() -> None:
@@ -107,7 +121,3 @@ def _register_all() -> None:
 
 
 _register_all()
-
-from memplan.arch import _generic  # noqa: E402 -- every table type no module above registered
-
-_generic.register_remaining()

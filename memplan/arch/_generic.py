@@ -216,20 +216,19 @@ def note(model_type: str) -> str:
             f"formulas); parameters are exact. `memplan trace` gives exact activation bytes for this model")
 
 
-def register_remaining() -> None:
-    """One generic family per table type that no hand-written module registered."""
-    for mt in tables.model_types():
-        if mt in ARCHS:
-            continue
-        tpl = template(mt)
-        masked = tables.table(mt)["masked"]
-        register(Arch(
-            model_types=(mt,), read=read, tensors=tensors, buffers=buffers, layers=layers, saved=TEMPLATES[tpl],
-            live=_live, loss=masked_loss if masked else Arch.__dataclass_fields__["loss"].default,
-            objective="masked" if masked else "causal",
-            lora_targets=LORA_DEFAULTS.get(mt) or PEFT_DEFAULTS.get(mt, ("q_proj", "v_proj")),
-            token_embedding=_embedding(mt), activations_note=note(mt),
-        ))
+def register_type(mt: str) -> Arch:
+    """The generic family of table type `mt` (registered once)."""
+    if mt in ARCHS:
+        return ARCHS[mt]
+    tpl = template(mt)
+    masked = tables.table(mt)["masked"]
+    return register(Arch(
+        model_types=(mt,), read=read, tensors=tensors, buffers=buffers, layers=layers, saved=TEMPLATES[tpl],
+        live=_live, loss=masked_loss if masked else Arch.__dataclass_fields__["loss"].default,
+        objective="masked" if masked else "causal",
+        lora_targets=LORA_DEFAULTS.get(mt) or PEFT_DEFAULTS.get(mt, ("q_proj", "v_proj")),
+        token_embedding=_embedding(mt), activations_note=note(mt),
+    ))
 
 
 def _embedding(model_type: str) -> str:
