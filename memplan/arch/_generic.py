@@ -25,6 +25,7 @@ from memplan.arch._common import Ctx, LayerKind, Tensor, dense_live, masked_loss
 from memplan.arch.gpt2 import saved as gpt2_saved
 from memplan.arch.llama import saved as llama_saved
 from memplan.arch.roberta import saved as roberta_saved
+from memplan.spec import per_spec
 
 # model_type -> peft's default LoRA targets where peft has none (Phi-3 fuses q, k, v into qkv_proj).
 # DeepSeek's MLA has no v_proj: its query and key/value up-projections stand in for q_proj and v_proj.
@@ -198,7 +199,54 @@ def _live(kind: LayerKind, ctx: Ctx) -> int:
     return dense_live(kind, ctx)
 
 
-TEMPLATES = {"llama": _gated_saved, "gpt2": gpt2_saved, "roberta": roberta_saved}
+@per_spec
+def _layer_facts(spec) -> tuple[int, bool, bool]:
+    """(norms per layer beyond the template's two, q/k norms present, attention logit soft-capping) of layer 0."""
+    names = [t.name for t in spec.tensors if t.layer == 0 and t.name.endswith(".weight")]
+    qk = any(n.endswith(("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight"))
+             for n in names)
+    norms = [n for n in names if t_is_norm(n) and not n.endswith(("q_norm.weight", "k_norm.weight",
+                                                                  "q_layernorm.weight", "k_layernorm.weight",
+                                                                  "q_a_layernorm.weight", "kv_a_layernorm.weight"))]
+    return max(0, len(norms) - 2), qk, bool(spec.config.get("attn_logit_softcapping"))
+
+
+def t_is_norm(name: str) -> bool:
+    low = name.lower()
+    return "norm" in low or ".ln" in low
+
+
+def _rms(ctx: Ctx) -> int:
+    """Bytes per element an RMSNorm saves: the fp32 upcast, and the normalised value when its weight trains."""
+    return 4 + ((4 if ctx.r == 4 else ctx.cb) if ctx.trains else 0)
+
+
+def _with_norms(saved):
+    """`saved` plus what the template lacks: extra norms (Gemma-2/3, OLMo-2 post-norms), q/k norms (Qwen3,
+    OLMo-2, Gemma-3) over the q and k widths, and soft-capped scores (Gemma-2: tanh keeps its output)."""
+
+    def with_norms(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
+        n, per_score = saved(kind, ctx)
+        extra, qk, softcap = _layer_facts(ctx.spec)
+        n += extra * ctx.spec.hidden_size * _rms(ctx)
+        if qk:
+            n += (ctx.spec.q_dim + ctx.spec.kv_dim) * _rms(ctx)
+        return n, per_score + (ctx.cb if softcap else 0)
+
+    return with_norms
+
+
+def _plain_gelu_saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
+    """gpt2's formulas, with one GELU input saved where the model's GELU is one op (exact or torch's tanh
+    approximation: GPT-NeoX, Falcon, BLOOM, StarCoder2) instead of gelu_new's four tensors."""
+    n, per_score = gpt2_saved(kind, ctx)
+    if ctx.spec.activation in ("gelu_new", "gelu_fast", "quick_gelu"):
+        return n, per_score
+    gelu_new = (2 * ctx.cb + 2 * 4) if ctx.amp else 4 * ctx.cb
+    return n - ctx.spec.intermediate_size * (gelu_new - ctx.cb), per_score
+
+
+TEMPLATES = {"llama": _with_norms(_gated_saved), "gpt2": _with_norms(_plain_gelu_saved), "roberta": roberta_saved}
 
 
 def template(model_type: str) -> str:
