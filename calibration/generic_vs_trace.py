@@ -29,9 +29,12 @@ from memplan.result import Category  # noqa: E402
 RECORDS = ROOT / "calibration" / "generic-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "GENERIC-VS-TRACE.md"
 # What the tests hold every recorded cell to (the borrowed formulas are approximate by design): 10 %, except
-# where a family keeps what its template does not model (measured, see GENERIC-VS-TRACE.md): Falcon and BLOOM
-# under LoRA (fused query_key_value, ALiBi), Gemma-2 (soft-capped logits, eager attention).
-TOLERANCE = {"falcon": 0.35, "bloom": 0.30, "gemma2": 0.25}
+# where the trace keeps what the borrowed formulas do not model (measured, see GENERIC-VS-TRACE.md):
+# - falcon, sdpa: Falcon always passes a causal mask (allow_is_causal_skip=False), and SDPA with a mask takes
+#   the math path on the CPU, which materialises the scores; CUDA's memory-efficient kernel does not, so the
+#   gap may be the trace's (unverified without a GPU);
+# - gemma2, eager: about one more fp32 score-sized tensor per layer than the llama formulas plus soft-capping.
+TOLERANCE = {"falcon": 0.35, "gemma2": 0.15}
 DEFAULT_TOLERANCE = 0.10
 
 BASE = {"hidden_size": 256, "num_attention_heads": 8, "num_hidden_layers": 4, "vocab_size": 4096,
@@ -173,6 +176,10 @@ def write_table(records: list[dict]) -> None:
         by_type.setdefault(r["model_type"], []).append(abs(error(r)))
     lines += ["| model_type | worst |error| |", "|---|---|"]
     lines += [f"| {t} | {max(v):.1%} |" for t, v in by_type.items()]
+    lines += ["", "Known gaps: falcon with sdpa (Falcon always passes a causal mask, and SDPA with a mask takes the",
+              "math path on the CPU, materialising the scores, which CUDA's memory-efficient kernel does not: the",
+              "trace, not the formula, may be off there; unverified without a GPU); gemma2 eager (about one more",
+              "fp32 score-sized tensor per layer than the llama formulas plus soft-capping keep)."]
     TABLE.write_text("\n".join(lines) + "\n")
 
 

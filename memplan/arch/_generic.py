@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from memplan import tables
 from memplan.arch import ARCHS, Arch, register
-from memplan.arch._common import Ctx, LayerKind, Tensor, dense_live, masked_loss
+from memplan.arch._common import (
+    Ctx, LayerKind, Tensor, causal_logits_backward, causal_logits_forward, dense_live, masked_loss, score_bytes,
+)
 from memplan.arch.gpt2 import saved as gpt2_saved
 from memplan.arch.llama import saved as llama_saved
 from memplan.arch.roberta import saved as roberta_saved
@@ -239,11 +241,32 @@ def _with_norms(saved):
 def _plain_gelu_saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
     """gpt2's formulas, with one GELU input saved where the model's GELU is one op (exact or torch's tanh
     approximation: GPT-NeoX, Falcon, BLOOM, StarCoder2) instead of gelu_new's four tensors."""
-    n, per_score = gpt2_saved(kind, ctx)
+    n, _ = gpt2_saved(kind, ctx)
+    # their eager attention runs softmax in fp32 (dtype=torch.float32), which GPT-2's does not
+    per_score = score_bytes(ctx, fp32_softmax=True)
     if ctx.spec.activation in ("gelu_new", "gelu_fast", "quick_gelu"):
         return n, per_score
     gelu_new = (2 * ctx.cb + 2 * 4) if ctx.amp else 4 * ctx.cb
     return n - ctx.spec.intermediate_size * (gelu_new - ctx.cb), per_score
+
+
+def _capped_logits(ctx: Ctx) -> int:
+    """Bytes tanh keeps under final_logit_softcapping (Gemma-2: logits / cap, tanh, * cap): T * V * cb."""
+    spec = ctx.spec
+    cap = spec.config.get("final_logit_softcapping", tables.table(spec.model_type)["defaults"].get(
+        "final_logit_softcapping"))
+    return ctx.tokens * spec.vocab_size * ctx.cb if cap else 0
+
+
+def _softcapped_logits_forward(ctx: Ctx) -> tuple[int, int]:
+    """Under autograd tanh's output stays saved; a no-grad forward (ZO) frees it as it goes."""
+    kept, transient = causal_logits_forward(ctx)
+    return kept + (_capped_logits(ctx) if ctx.cfg.method.is_fo else 0), transient
+
+
+def _softcapped_logits_backward(ctx: Ctx) -> int:
+    """The loss backward's peak, with tanh's saved output still alive."""
+    return causal_logits_backward(ctx) + _capped_logits(ctx)
 
 
 TEMPLATES = {"llama": _with_norms(_gated_saved), "gpt2": _with_norms(_plain_gelu_saved), "roberta": roberta_saved}
@@ -270,12 +293,15 @@ def register_type(mt: str) -> Arch:
         return ARCHS[mt]
     tpl = template(mt)
     masked = tables.table(mt)["masked"]
+    capped = "final_logit_softcapping" in tables.table(mt)["defaults"]
+    logits = {"logits_forward": _softcapped_logits_forward, "logits_backward": _softcapped_logits_backward} \
+        if capped and not masked else {}
     return register(Arch(
         model_types=(mt,), read=read, tensors=tensors, buffers=buffers, layers=layers, saved=TEMPLATES[tpl],
         live=_live, loss=masked_loss if masked else Arch.__dataclass_fields__["loss"].default,
         objective="masked" if masked else "causal",
         lora_targets=LORA_DEFAULTS.get(mt) or PEFT_DEFAULTS.get(mt, ("q_proj", "v_proj")),
-        token_embedding=_embedding(mt), activations_note=note(mt),
+        token_embedding=_embedding(mt), activations_note=note(mt), **logits,
     ))
 
 
