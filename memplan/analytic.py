@@ -140,6 +140,10 @@ def trainable_tensors(spec: ModelSpec, scheme: Scheme, *args) -> list[tuple[int,
         rank, targets = args
         out = []
         every_linear = tuple(targets) == (ALL_LINEAR,)
+        if every_linear and any(len(t.shape) == 3 for t in spec.tensors):
+            raise MemplanError(f"--lora-targets all-linear on {spec.name}: peft also adapts its stacked expert "
+                               "tensors and router there, which the analytic tier does not model yet; name the "
+                               "modules (e.g. q_proj,v_proj) or run `memplan trace`")
         for t in spec.tensors:
             if every_linear and t.linear and len(t.shape) == 2 or \
                     t.module in targets and t.layer is not None and len(t.shape) == 2:
