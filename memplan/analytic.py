@@ -24,6 +24,7 @@ from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
 C = Category
+ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear / Conv1D but the output head
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True)
 Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
@@ -83,7 +84,7 @@ def _chunked(arch):
 def weight_bytes(spec: ModelSpec, wb: int) -> int:
     """Every parameter tensor (rounded to 512 B) plus buffers: sum round512(numel * wb)."""
     params = sum(round_block(t.numel * wb) for t in spec.tensors)
-    return params + sum(round_block(t.numel * 4) for t in spec.buffers)  # rotary: fp32
+    return params + sum(round_block(t.numel * t.itemsize) for t in spec.buffers)  # rotary: fp32; ids: int64
 
 
 def model_weight_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
@@ -163,8 +164,14 @@ def trainable_tensors(spec: ModelSpec, scheme: Scheme, *args) -> list[tuple[int,
         # lora_A: r x in, lora_B: out x r, for every targeted weight matrix.
         rank, targets = args
         out = []
+        every_linear = tuple(targets) == (ALL_LINEAR,)
+        if every_linear and any(len(t.shape) == 3 for t in spec.tensors):
+            raise MemplanError(f"--lora-targets all-linear on {spec.name}: peft also adapts its stacked expert "
+                               "tensors and router there, which the analytic tier does not model yet; name the "
+                               "modules (e.g. q_proj,v_proj) or run `memplan trace`")
         for t in spec.tensors:
-            if t.module in targets and t.layer is not None and len(t.shape) == 2:
+            if every_linear and t.linear and len(t.shape) == 2 or \
+                    t.module in targets and t.layer is not None and len(t.shape) == 2:
                 out += [(rank * t.fan_in, ADAPTER_BYTES), (t.fan_out * rank, ADAPTER_BYTES)]
         if not out:
             linear = sorted({t.module for t in spec.tensors if t.layer is not None and len(t.shape) == 2})

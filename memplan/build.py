@@ -70,8 +70,11 @@ def is_masked_lm(cfg) -> bool:
     return cfg.model_type in _UNREGISTERED_ENCODERS
 
 
-def lora_targets(config: Config, cfg) -> list[str]:
-    """Config's LoRA targets; empty means the architecture's default (peft's own mapping)."""
+def lora_targets(config: Config, cfg) -> list[str] | str:
+    """Config's LoRA targets; empty means the architecture's default (peft's own mapping, else memplan's);
+    all-linear goes to peft as its own shorthand (every linear layer but the output head)."""
+    if tuple(config.lora_targets) == ("all-linear",):
+        return "all-linear"
     if config.lora_targets:
         return list(config.lora_targets)
     family = arch.find(cfg.model_type)

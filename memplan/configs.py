@@ -56,9 +56,12 @@ def _show(value) -> str:
     return _text(repr(value))
 
 
+NOT_DROPOUT = ("norm_topk_prob",)  # MoE configs: a switch (renormalise the top-k router weights), not a probability
+
+
 def _is_dropout(key: str) -> bool:
     k = key.lower()
-    return "dropout" in k or k.endswith("_pdrop") or k.endswith("_prob")
+    return ("dropout" in k or k.endswith("_pdrop") or k.endswith("_prob")) and k not in NOT_DROPOUT
 
 
 class _HugeInt(str):

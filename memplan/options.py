@@ -184,8 +184,12 @@ class Config(BaseModel):
     attention: Attention = Field(Attention.SDPA, description="Attention kernel.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r); does not change memory.")
-    lora_targets: tuple[str, ...] = Field((), description="Module names LoRA wraps; empty: peft's default for "
-                                          "the architecture (q_proj, v_proj for OPT and Llama; c_attn for GPT-2).")
+    lora_targets: tuple[str, ...] = Field((), description="Module names LoRA wraps, or all-linear (peft's shorthand: "
+                                          "every linear layer but the output head); empty: peft's default for the "
+                                          "architecture (q_proj, v_proj for OPT, Llama, Qwen, Gemma, Mixtral; c_attn for "
+                                          "GPT-2; query_key_value for Falcon, GPT-NeoX, BLOOM), or where peft has none "
+                                          "memplan's: qkv_proj for Phi-3; q_proj, v_proj for OLMo-2, Granite, Qwen3-MoE; "
+                                          "q_proj, q_b_proj, kv_b_proj for DeepSeek.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability on each LoRA adapter's "
                                 "input (peft's lora_dropout); > 0 saves a mask and a dropped-out copy of the input "
                                 "per targeted module for backward.")

@@ -59,8 +59,9 @@ class AnalyticTier:
     def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
         spec = spec or resolve(cfg.model)
         phase, comps, totals = analytic.peak(cfg, spec, fam)
+        note = spec.arch.activations_note
         return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count,
-                          host_bytes=analytic.host_bytes(cfg, spec))
+                          warnings=(note,) if note else (), host_bytes=analytic.host_bytes(cfg, spec))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ class ModelSpec:
     type_vocab_size: int = 0
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    num_experts: int = 0  # routed experts per MoE layer (all resident)
+    experts_per_token: int = 0  # top-k
+    expert_size: int = 0  # one expert's MLP width
+    shared_expert_size: int = 0  # width of the always-on shared expert MLP(s), if any
+    sliding_window: int = 0  # 0: full attention in every layer
     source: str = ""
     config: dict = field(default_factory=dict, repr=False, compare=False)
     memo: dict = field(default_factory=dict, repr=False, compare=False)  # per_spec's cache

@@ -43,11 +43,12 @@ TINY = {
 # Analytic against trace on the tiny configs; the recorded grid (calibration/) holds larger models
 # to 5 % worst case, and these tiny ones, where the 512 B rounding of small tensors weighs more, to:
 TOLERANCE = 0.05
-TYPES = sorted(arch.ARCHS)
+# Hand-written families; the table-driven ones (approximate activations) are held to the trace in test_generic.
+TYPES = sorted(t for t, a in arch.ARCHS.items() if not a.activations_note)
 
 
 def test_every_registered_family_has_a_tiny_config():
-    assert set(TINY) == set(arch.ARCHS)
+    assert set(TINY) == set(TYPES)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -76,9 +77,9 @@ def test_register_rejects_a_duplicate_model_type():
 
 
 def test_unknown_model_type_lists_the_supported_ones():
-    with pytest.raises(MemplanError, match=r"model_type 'gemma2' is not supported; supported: gpt2, llama, "
-                                           r"mistral, opt, qwen2, roberta"):
-        arch.get("gemma2")
+    with pytest.raises(MemplanError, match=r"model_type 'mamba' is not supported; supported: bert, bloom, .*gemma2, "
+                                           r".*qwen3_moe, roberta"):
+        arch.get("mamba")
 
 
 def test_activations_sum_over_a_list_of_layers(monkeypatch):

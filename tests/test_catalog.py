@@ -25,7 +25,7 @@ def test_spec_matches_transformers(entry, transformers_shapes):
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
 def test_entry_is_documented(entry):
-    assert set(entry) == {"id", "aliases", "source", "config"}
+    assert set(entry) - {"published_params"} == {"id", "aliases", "source", "config"}
     assert entry["source"].strip()
     assert entry["config"]["model_type"]
     assert all(a == a.strip() for a in entry["aliases"])
@@ -79,3 +79,19 @@ KNOWN_TOTALS = {
 @pytest.mark.parametrize("model_id, total", KNOWN_TOTALS.items())
 def test_known_totals(model_id, total):
     assert resolve(model_id).param_count == total
+
+
+PUBLISHED = [e for e in ENTRIES if "published_params" in e]
+
+
+@pytest.mark.parametrize("entry", PUBLISHED, ids=[e["id"] for e in PUBLISHED])
+def test_count_within_one_percent_of_the_published_size(entry):
+    # published_params: the parameter count the model card / hub page gives for that checkpoint
+    count = spec_from_config(entry["config"], entry["id"]).param_count
+    assert abs(count - entry["published_params"]) <= 0.01 * entry["published_params"], count
+
+
+def test_catalog_covers_the_families_people_fine_tune():
+    types = {e["config"]["model_type"] for e in ENTRIES}
+    assert {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi", "phi3", "mixtral",
+            "olmo2", "granite", "falcon", "gpt_neox", "gptj", "bloom", "bert", "opt", "gpt2", "roberta"} <= types

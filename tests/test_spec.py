@@ -104,8 +104,8 @@ def test_bad_field_value_is_named():
 
 def test_unsupported_model_type_lists_supported(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**TINY_LLAMA, "model_type": "bert"}))
-    with pytest.raises(MemplanError, match=r"model_type 'bert' is not supported; supported: " + ", ".join(SUPPORTED_TYPES)):
+    path.write_text(json.dumps({**TINY_LLAMA, "model_type": "mamba"}))
+    with pytest.raises(MemplanError, match=r"model_type 'mamba' is not supported; supported: " + ", ".join(SUPPORTED_TYPES)):
         resolve(str(path))
 
 

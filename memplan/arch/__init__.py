@@ -50,6 +50,8 @@ class Arch:
     uncast: tuple[str, ...] = ()  # embedding modules autocast never casts (lookups, not matmuls)
     # field overrides under an older transformers release this family behaved differently in
     versions: Mapping[HfVersion, Mapping[str, object]] = field(default_factory=dict)
+    # non-empty where the activation formulas are borrowed from another family (a warning on estimates)
+    activations_note: str = ""
 
     def at(self, version: HfVersion) -> Arch:
         """This family as `version` of transformers runs it."""
@@ -76,13 +78,27 @@ def register(arch: Arch) -> Arch:
 
 
 def supported_types() -> tuple[str, ...]:
-    """Every registered model_type, sorted (what error messages list)."""
-    return tuple(sorted(ARCHS))
+    """Every model_type memplan reads: the registered families and every type of the tensor tables, sorted."""
+    from memplan import tables
+
+    return tuple(sorted(set(ARCHS) | set(tables.model_types())))
+
+
+def _table_family(model_type: str | None) -> Arch | None:
+    """The table-driven family of a type no module registered, registered on first use (fit on a
+    hand-written family parses no table)."""
+    from memplan import tables
+
+    if not isinstance(model_type, str) or model_type not in tables.model_types():
+        return None
+    import memplan.arch._generic as generic
+
+    return generic.register_type(model_type)
 
 
 def get(model_type: str | None, *, where: str = "config") -> Arch:
     """The family of `model_type`, or an error listing the supported ones."""
-    if model_type not in ARCHS:
+    if model_type not in ARCHS and _table_family(model_type) is None:
         raise MemplanError(
             f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported_types())}"
         )
@@ -91,7 +107,7 @@ def get(model_type: str | None, *, where: str = "config") -> Arch:
 
 def find(model_type: str | None) -> Arch | None:
     """The family of `model_type`, or None (the trace tier also runs unregistered architectures)."""
-    return ARCHS.get(model_type)
+    return ARCHS.get(model_type) or _table_family(model_type)
 
 
 def _register_all() -> None:

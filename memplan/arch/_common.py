@@ -35,6 +35,8 @@ class Tensor:
     """One parameter: its transformers name, shape, the module's short name and its layer (or None).
 
     `transposed`: the weight is stored (in, out), as GPT-2's Conv1D does, instead of nn.Linear's (out, in).
+    `itemsize`: bytes per element of a buffer that keeps its own dtype (int64 position ids); `linear`: the
+    weight or bias of an nn.Linear / Conv1D other than the output head (what peft's all-linear wraps).
     """
 
     name: str
@@ -43,6 +45,8 @@ class Tensor:
     layer: int | None
     group: str  # embeddings | attention | mlp | norms | lm_head
     transposed: bool = False
+    itemsize: int = 4
+    linear: bool = False
 
     @property
     def numel(self) -> int:
@@ -91,9 +95,9 @@ class Ctx:
 
 
 def linear(prefix: str, module: str, out_f: int, in_f: int, bias: bool, layer, group) -> list[Tensor]:
-    ts = [Tensor(f"{prefix}{module}.weight", (out_f, in_f), module, layer, group)]
+    ts = [Tensor(f"{prefix}{module}.weight", (out_f, in_f), module, layer, group, linear=True)]
     if bias:
-        ts.append(Tensor(f"{prefix}{module}.bias", (out_f,), module, layer, group))
+        ts.append(Tensor(f"{prefix}{module}.bias", (out_f,), module, layer, group, linear=True))
     return ts
 
 

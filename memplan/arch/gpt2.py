@@ -23,8 +23,8 @@ def read(cfg: dict, need) -> dict:
 
 def _conv1d(prefix: str, module: str, in_f: int, out_f: int, layer, group) -> list[Tensor]:
     """Conv1D: weight (in, out) and bias (out,)."""
-    return [Tensor(f"{prefix}{module}.weight", (in_f, out_f), module, layer, group, transposed=True),
-            Tensor(f"{prefix}{module}.bias", (out_f,), module, layer, group)]
+    return [Tensor(f"{prefix}{module}.weight", (in_f, out_f), module, layer, group, transposed=True, linear=True),
+            Tensor(f"{prefix}{module}.bias", (out_f,), module, layer, group, linear=True)]
 
 
 def tensors(s) -> list[Tensor]:
