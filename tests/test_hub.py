@@ -229,14 +229,14 @@ def test_text_config_without_model_type_says_what_is_wrong(tmp_path):
 
 def test_unsupported_model_type_keeps_its_message_and_still_traces_from_the_cache(served):
     hub, server, _ = served
-    neox = {"model_type": "gpt_neox", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
-    commit = hub.add("acme/tiny-neox", neox)
-    with pytest.raises(MemplanError, match=r"model_type 'gpt_neox' is not supported"):
-        resolve("acme/tiny-neox")
+    mamba = {"model_type": "mamba", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+             "state_size": 4, "expand": 2, "conv_kernel": 4}
+    commit = hub.add("acme/tiny-mamba", mamba)
+    with pytest.raises(MemplanError, match=r"model_type 'mamba' is not supported"):
+        resolve("acme/tiny-mamba")
     server.stop()
-    name, fields = model_config_dict("acme/tiny-neox")  # the trace's config: the fetched one, from the cache
-    assert name == f"acme/tiny-neox@{commit[:7]}" and fields == neox
+    name, fields = model_config_dict("acme/tiny-mamba")  # the trace's config: the fetched one, from the cache
+    assert name == f"acme/tiny-mamba@{commit[:7]}" and fields == mamba
 
 
 def test_trace_config_of_a_hub_id_is_the_fetched_one(served):
