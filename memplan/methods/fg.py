@@ -10,8 +10,10 @@ forward runs SDPA's math backend, since the fused kernels have no forward-AD rul
 from __future__ import annotations
 
 import contextlib
+import re
 
 from memplan import analytic as a
+from memplan.errors import MemplanError
 from memplan.methods import Family, MethodSpec, peak_of, register
 from memplan.options import Attention, Config, Method, Scheme
 from memplan.overhead import workspace_bytes
@@ -60,7 +62,13 @@ def run(step, batch):
         vs = [torch.randn_like(p) for _, p in step.params]
     with fwad.dual_level(), step.autocast(), _math_sdpa(step.config):
         duals = {n: fwad.make_dual(p.detach(), v) for (n, p), v in zip(step.params, vs)}
-        out = fwad.unpack_dual(functional_call(step.model, duals, (), kwargs).loss)
+        try:
+            out = fwad.unpack_dual(functional_call(step.model, duals, (), kwargs).loss)
+        except (NotImplementedError, RuntimeError) as e:
+            why = _no_forward_ad(e)
+            if why is None:
+                raise
+            raise MemplanError(f"forward-grad cannot run {step.config.model}: {why}") from None
         del duals
         loss, dloss = out.primal.detach(), out.tangent.detach()
         del out
@@ -70,6 +78,25 @@ def run(step, batch):
             p.sub_(step.lr * (v * dloss))
     del vs
     return StepInfo(loss, seeds=[seed], jvp=dloss)
+
+
+def _no_forward_ad(e: Exception) -> str | None:
+    """What lacks a forward-AD rule, from torch's error (torch 2.13), or None for any other error.
+
+    The real step fails the same way on a GPU: this is torch's limit, not the tracer's. MoE models of
+    transformers 5 call `aten._grouped_mm` for their stacked experts, which has no forward-AD formula;
+    BLOOM's GELU is an `autograd.Function` without a `jvp`.
+    """
+    text = str(e)
+    op = re.search(r"forward AD with (\S+) that does not support it", text)
+    if op:
+        extra = " (transformers' grouped MoE experts)" if op.group(1) == "_grouped_mm" else ""
+        return (f"torch has no forward-AD rule for aten.{op.group(1)}{extra}, so the dual forward fails on "
+                "any device, so no trace can measure it")
+    if "implement the jvp function" in text:
+        return ("the model runs a custom autograd.Function without a jvp, so the dual forward fails on any "
+                "device, so no trace can measure it")
+    return None
 
 
 def _math_sdpa(config: Config):
