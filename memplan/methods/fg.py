@@ -65,7 +65,13 @@ def attention_moment(cfg: Config, spec, s) -> tuple[int, int]:
     e = a.scores_elements(cfg, spec, s)
     per_token = s.tokens * _attention_per_token(cfg, spec, s)
     if cfg.attention is Attention.SDPA:
-        return per_token + 8 * e + 2 * 4 * s.seq_q * s.seq_k, per_token + 16 * e
+        if _window_mask(cfg, spec, s):
+            # transformers' sliding-window mask (batch x 1 x seq^2: bool, where, cast) replaces the
+            # math backend's own
+            mask = cfg.batch * s.seq_q * s.seq_k * (2 * s.wb + 1)
+        else:
+            mask = 2 * 4 * s.seq_q * s.seq_k
+        return per_token + 8 * e + mask, per_token + 16 * e
     drop = 1 if spec.attention_dropout > 0 else 0
     mask = cfg.batch * s.seq_q * s.seq_k * s.wb
     if s.cb == 4:
@@ -83,7 +89,8 @@ def _attention_per_token(cfg: Config, spec, s) -> int:
       v to every head (2 q cb instead of k's share);
     - LayerNorm families (opt, gpt2): the position embedding's output and the q, k, v projections
       (h r + 3 h cb).
-    On sdpa's math backend: fp32 copies of 16-bit q, k, v, fp32 q scaled by 1/sqrt(d), and under
+    On sdpa's math backend: fp32 copies of 16-bit q, k, v (with GQA, k and v repeated to every head
+    too), fp32 q scaled by 1/sqrt(d), and under
     autocast the 16-bit casts of the fp32 rotated q and k that SDPA's autocast rule makes.
     """
     h, q, kv, cb, r = spec.hidden_size, spec.q_dim, spec.kv_dim, s.cb, s.r
@@ -98,11 +105,24 @@ def _attention_per_token(cfg: Config, spec, s) -> int:
         n = 4 * h * r + 3 * h * cb
     if sdpa:
         kv_seen = kv if rms else h
+        if _window_mask(cfg, spec, s):
+            kv_seen = q  # with a mask, transformers repeats k and v to every head before SDPA
+            n += 2 * q * cb
         n += 4 * (q + 2 * kv_seen) if (cb != 4) else 0
         n += 4 * q
+        if kv_seen != q:
+            n += 2 * 4 * q  # GQA: the math backend repeats k and v to every head
         if s.amp and rms:
             n += cb * (q + kv)
     return n
+
+
+def _window_mask(cfg: Config, spec, s) -> bool:
+    """transformers passes SDPA a materialised mask once the keys reach a sliding window (mistral's
+    `sliding_window`, qwen2's with `use_sliding_window`); below it, `is_causal` and no mask."""
+    c = spec.config
+    window = c.get("sliding_window") if (c.get("model_type") == "mistral" or c.get("use_sliding_window")) else None
+    return bool(window) and s.seq_k >= window
 
 
 def mlp_moment_per_token(spec, s) -> int:
