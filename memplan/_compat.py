@@ -79,3 +79,54 @@ def sdpa_masks_as_for_real_tensors() -> Iterator[None]:
     finally:
         masking_utils._ignore_causal_mask_sdpa = original
         masking_utils.find_packed_sequence_indices = packed
+
+
+@contextlib.contextmanager
+def grouped_mm_in_any_dtype() -> Iterator[None]:
+    """Give `aten._grouped_mm` a fake kernel for every floating dtype, inside this block only.
+
+    transformers 5 runs MoE experts as stacked 3-D weights through `torch.nn.functional.grouped_mm`
+    (`integrations.moe._grouped_mm`). The meta kernel torch 2.13 registers for `aten._grouped_mm`
+    (`_meta_registrations._meta_grouped_mm_common`) checks CUDA's fast path and refuses anything but
+    bf16, while the real op runs fp32 and fp16 too (CUDA: a per-group matmul fallback in
+    `Blas.cpp`; CPU: `_grouped_mm_cpu`). This mode answers the op for non-bf16 inputs with an
+    empty output of the size and dtype the real op returns (`_create_grouped_mm_output_tensor`:
+    2-D x 3-D -> rows x n, 2-D x 2-D -> groups x m x n, 3-D x 3-D -> groups x m x n, in mat_a's dtype
+    or `out_dtype`); bf16 keeps torch's own meta kernel. It sits between the fake mode and the
+    tracker, so the tracker sees the op and its one output, as on real tensors. Autograd's backward
+    formulas (`derivatives.yaml`: grouped_mm of the gradient with each transposed operand, only for
+    the operands that need a gradient) call the same op, so they are answered too.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.aten._grouped_mm.default
+
+    class _AnyDtype(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is op and args[0].dtype != torch.bfloat16:
+                return _grouped_mm_output(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    with _AnyDtype():
+        yield
+
+
+def _grouped_mm_output(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """An empty tensor shaped and typed as `aten._grouped_mm`'s result (torch 2.13.0)."""
+    import torch
+
+    torch._check(mat_a.dtype == mat_b.dtype, lambda: f"grouped_mm: {mat_a.dtype} x {mat_b.dtype}")
+    torch._check(bias is None, lambda: "grouped_mm: bias is not supported")
+    torch._check(mat_a.size(-1) == mat_b.size(-2) or (mat_a.dim() == 2 and mat_b.dim() == 2),
+                 lambda: "grouped_mm: contraction dimensions differ")
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]  # weight gradient: one block per group
+    elif mat_a.dim() == 2:
+        size = [mat_a.size(0), mat_b.size(-1)]  # routed rows x out features
+    elif mat_b.dim() == 2:
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    return torch.empty(size, dtype=out_dtype or mat_a.dtype, device=mat_a.device)

@@ -204,7 +204,12 @@ def state_copies(cfg: Config) -> int:
 
 def scores(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
     """E = batch * heads * seq_q * seq_k attention-score elements per layer (eager only)."""
-    return cfg.batch * spec.num_heads * s.seq_q * s.seq_k if cfg.attention is Attention.EAGER else 0
+    return scores_elements(cfg, spec, s) if cfg.attention is Attention.EAGER else 0
+
+
+def scores_elements(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
+    """E = batch * heads * seq_q * seq_k: one layer's attention scores, whichever kernel computes them."""
+    return cfg.batch * spec.num_heads * s.seq_q * s.seq_k
 
 
 def scores_transient_per_element(cfg: Config, s: Shapes) -> int:

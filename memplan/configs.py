@@ -36,7 +36,8 @@ INT_FIELDS: dict[str, tuple[int, int, str]] = {
     "type_vocab_size": (0, MAX_WIDTH, "a vocabulary size"),
 }
 BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "enable_bias", "do_layer_norm_before",
-               "layer_norm_elementwise_affine", "_remove_final_layer_norm")
+               "layer_norm_elementwise_affine", "_remove_final_layer_norm",
+               "norm_topk_prob")  # MoE routers: renormalise the top-k weights (a flag, not a dropout)
 STR_FIELDS = ("model_type", "hidden_act", "activation_function")
 _HIDDEN = ("hidden_size", "n_embd", "d_model")
 _HEADS = ("num_attention_heads", "n_head")

@@ -97,7 +97,7 @@ def trace_step(config: Config, *, real: bool = False,
     """
     import torch
 
-    from memplan._compat import fake_tensor_mode, sdpa_masks_as_for_real_tensors
+    from memplan._compat import fake_tensor_mode, grouped_mm_in_any_dtype, sdpa_masks_as_for_real_tensors
     from memplan.steps import Step, build_model, make_batch, trainable
     from memplan.tracker import LiveBytes
 
@@ -143,7 +143,8 @@ def trace_step(config: Config, *, real: bool = False,
 
         tracker.phase = phase
     try:
-        with mode, sdpa_masks_as_for_real_tensors():
+        experts = contextlib.nullcontext() if real else grouped_mm_in_any_dtype()
+        with mode, experts, sdpa_masks_as_for_real_tensors():
             step = Step(config, model, hooks=tracker, seed=seed)
             with tracker:
                 batch = make_batch(config, model, seed=seed)

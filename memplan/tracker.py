@@ -13,10 +13,12 @@ Each record gets a category when it is born, by the first rule that applies:
 4. the innermost `region` the step opened (perturbation, optimizer state, tangents);
 5. the phase: load, forward and backward allocate activations, the optimizer step its state,
    a perturbation its z.
-Two things run differently under a dispatch mode (or on the CPU) than on CUDA, and the tracker
+Three things run differently under a dispatch mode (or on the CPU) than on CUDA, and the tracker
 counts them as CUDA would:
 - dropout: the CPU keeps an input-dtype noise tensor (`empty_like(x).bernoulli_()`), CUDA's fused
   kernel a bool mask: a tensor filled by `bernoulli_` counts one byte per element;
+- autograd's zeros (`_efficientzerotensor`, the tangent of an input that has none): a ZeroTensor's
+  storage has a size but no memory on any device, so it counts 0 bytes;
 - gradient accumulation in backward: autograd sums two gradients of one tensor in place when it
   holds the last reference, but out of place when any dispatch mode is active (`old + new`): an
   `add` in backward whose first input dies before the next allocation counts as in place.
@@ -40,6 +42,9 @@ from memplan.steps import Hooks
 
 _ALLOC, _FREE, _BIND, _PHASE = 0, 1, 2, 3
 _BERNOULLI = (torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor)
+# Autograd's zeros for an input without a tangent or gradient: ATen's ZeroTensorAllocator gives the
+# storage a size and a null data pointer on every device, so it holds no memory.
+_ZERO = torch.ops.aten._efficientzerotensor.default
 _DEFAULT = {
     Phase.LOAD: Category.ACTIVATIONS,
     Phase.FORWARD: Category.ACTIVATIONS,
@@ -99,6 +104,8 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             if key in inputs:
                 continue  # a view or in-place result of a storage made before tracking
             rec = self._new(st, key, self._category(func, t, inputs), func.__name__)
+            if func is _ZERO:  # a ZeroTensor: its storage has a size but no memory behind it
+                self._resize(rec, 0)
             if func is torch.ops.aten.add.Tensor and self.current is Phase.BACKWARD:
                 first = args[0] if isinstance(args[0], torch.Tensor) else None
                 old = self.live.get(storage_key(first.untyped_storage())) if first is not None else None
