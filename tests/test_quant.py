@@ -220,3 +220,9 @@ def test_a_layer_in_flight_sets_the_forward_peak_when_the_vocabulary_is_small(tm
     moment = analytic.phases(cfg, resolve(path), family_of(None)[0])[Phase.FORWARD]
     forward = sum(moment.values()) - moment.get(Category.WORKSPACE, 0)
     assert forward == pytest.approx(traced.phases[Phase.FORWARD], rel=0.02)
+
+
+def test_trace_without_bitsandbytes_says_what_to_install(run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    code, _, err = run_cli("trace", "opt-125m", "--scheme", "lora", "--quant", "nf4")
+    assert code == 2 and err.strip() == "memplan: error: --quant nf4 needs the bitsandbytes package (pip install bitsandbytes)"
