@@ -29,7 +29,7 @@ from analytic_vs_trace import LLAMA_GQA, _analytic_bytes  # noqa: E402
 RECORDS = ROOT / "calibration" / "quant-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "QUANT-VS-TRACE.md"
 MEDIAN_TARGET, WORST_TARGET = 0.01, 0.03
-FIELDS = ("model", "method", "scheme", "dtype", "attention", "quant", "batch", "seq")
+FIELDS = ("model", "method", "scheme", "dtype", "attention", "quant", "batch", "seq", "grad_checkpointing")
 QUANTS = ("nf4", "nf4-dq", "fp4", "int8")
 
 # Every (method, scheme, dtype / attention) crossing on both families; the quant kind cycles so each
@@ -37,14 +37,19 @@ QUANTS = ("nf4", "nf4-dq", "fp4", "int8")
 _CROSS = list(itertools.product(("fo-adam", "fo-sgd", "zo-sgd"), ("lora", "prefix"),
                                 (("fp16", "eager"), ("bf16", "sdpa"))))
 GRID = list(dict.fromkeys([  # a row repeated by the lists below is traced once
-    *[(model, m, s, d, a, QUANTS[(i + k) % len(QUANTS)], b, seq)
+    *[(model, m, s, d, a, QUANTS[(i + k) % len(QUANTS)], b, seq, False)
       for k, (model, b, seq) in enumerate((("llama-gqa", 4, 256), ("opt-125m", 4, 256)))
       for i, (m, s, (d, a)) in enumerate(_CROSS)],
     # the other kinds on a few of the same rows, and longer sequences
-    *[("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", q, 4, 256) for q in QUANTS],
-    *[("opt-125m", "zo-sgd", "lora", "fp16", "sdpa", q, 4, 256) for q in QUANTS],
-    ("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", "nf4-dq", 2, 1024),
-    ("opt-125m", "fo-sgd", "lora", "bf16", "eager", "nf4", 2, 512),
+    *[("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", q, 4, 256, False) for q in QUANTS],
+    *[("opt-125m", "zo-sgd", "lora", "fp16", "sdpa", q, 4, 256, False) for q in QUANTS],
+    ("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", "nf4-dq", 2, 1024, False),
+    ("opt-125m", "fo-sgd", "lora", "bf16", "eager", "nf4", 2, 512, False),
+    # gradient checkpointing, which peft's preparation turns on (int8 inputs stay alive beside it)
+    ("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", "nf4", 4, 256, True),
+    ("llama-gqa", "fo-adam", "lora", "bf16", "sdpa", "int8", 4, 256, True),
+    ("opt-125m", "fo-adam", "lora", "bf16", "sdpa", "nf4-dq", 4, 256, True),
+    ("opt-125m", "fo-sgd", "lora", "fp16", "eager", "int8", 4, 256, True),  # peft refuses prefix with it
 ]))
 
 
@@ -136,14 +141,15 @@ def write_table(records: list[dict]) -> None:
         "  for CUDA. Outlier columns (threshold 6.0) depend on the data and are not counted.",
         "- The backward's dequantised weight is an op output: the trace counts it.",
         "",
-        "| model | method | scheme | dtype | attention | quant | batch | seq | trace MiB | analytic MiB | error "
-        "| trace phase | analytic phase |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | scheme | dtype | attention | quant | batch | seq | grad ckpt | trace MiB | analytic MiB "
+        "| error | trace phase | analytic phase |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         c = r["config"]
         lines.append(f"| {c['model']} | {c['method']} | {c['scheme']} | {c['dtype']} | {c['attention']} | "
-                     f"{c['quant']} | {c['batch']} | {c['seq']} | {r['trace_bytes'] / 2**20:.2f} | "
+                     f"{c['quant']} | {c['batch']} | {c['seq']} | {'on' if c['grad_checkpointing'] else 'off'} | "
+                     f"{r['trace_bytes'] / 2**20:.2f} | "
                      f"{r['analytic_bytes'] / 2**20:.2f} | {error(r):+.2%} | {r['trace_phase']} | "
                      f"{r['analytic_phase']} |")
     TABLE.write_text("\n".join(lines) + "\n")

@@ -246,7 +246,7 @@ def dequantised_weight_bytes(cfg: Config, spec: ModelSpec, *, backward: bool) ->
     """One layer's weight dequantised while its matmul runs (`--quant`), the largest layer's: 0 unquantised.
 
     4-bit: the weight in the compute dtype (CUDA's `gemm_4bit` inside the op in forward, on its unfused
-    path; `MatMul4Bit`'s backward as an op output); int8: in backward only (`memplan.quant.dequantised_bytes`).
+    path; `MatMul4Bit`'s backward as an op output); int8: `CB * SCB` in fp32 (`memplan.quant.dequantised_bytes`).
     """
     if cfg.quant is Quant.NONE:
         return 0
@@ -264,6 +264,19 @@ def quantised_matmul_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
     return max(quant.dequantised_bytes(cfg, t, backward=False)
                + s.tokens * (t.fan_in * (cc + own) + t.fan_out * cc)
                for t in spec.tensors if quant.is_quantised(t))
+
+
+def int8_inputs_beside_checkpoints(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """Every int8 layer's input, which gradient checkpointing does not drop (`--quant int8`).
+
+    bitsandbytes' int8 matmuls keep their input as an attribute of the autograd context (`ctx.A`,
+    `ctx.tensors`), not through `save_for_backward`, so checkpointing's saved-tensor hooks never see
+    it: the linear inputs of all layers stay alive from forward to backward as without checkpointing.
+    """
+    if cfg.quant is not Quant.INT8:
+        return 0
+    first = 0 if cfg.scheme is Scheme.PROMPT else s.tokens * spec.hidden_size * s.cb  # layer 0's attention input
+    return s.tokens * s.cb * quant.layer_input_width(spec) - first
 
 
 def quant_unsaved_inputs(cfg: Config, spec: ModelSpec, s: Ctx) -> int:

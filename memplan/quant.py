@@ -90,6 +90,20 @@ def tensor_bytes(quant: Quant, t) -> int:
     return packed + code + round_block(blocks * 4)
 
 
+# Linear modules of one layer that read the same input tensor.
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def layer_input_width(spec) -> int:
+    """Elements per token of the distinct inputs of every layer's quantised linear modules (q, k and v
+    read one tensor, gate and up another), summed over the layers."""
+    widths: dict[tuple, int] = {}
+    for t in spec.tensors:
+        if is_quantised(t) and t.layer is not None:
+            widths[(t.layer, t.group, SHARED_INPUT.get(t.module, t.module))] = t.fan_in
+    return sum(widths.values())
+
+
 def dequantised_bytes(cfg: Config, t, *, backward: bool) -> int:
     """One quantised weight dequantised for a matmul.
 

@@ -144,12 +144,15 @@ def test_recorded_grid_meets_the_targets():
     assert {r["config"]["quant"] for r in RECORDS} == set(grid.QUANTS)
     assert {r["config"]["method"] for r in RECORDS} == {"fo-adam", "fo-sgd", "zo-sgd"}
     assert {r["config"]["model"] for r in RECORDS} == {"llama-gqa", "opt-125m"}
+    assert {r["config"]["scheme"] for r in RECORDS} == {"lora", "prefix"}
+    assert {(r["config"]["dtype"], r["config"]["attention"]) for r in RECORDS} >= {("fp16", "eager"), ("bf16", "sdpa")}
+    assert {r["config"]["quant"] for r in RECORDS if r["config"]["grad_checkpointing"]} >= {"nf4", "int8"}
     median, worst = grid.summary(grid.recheck([dict(r) for r in RECORDS]))
     assert median <= grid.MEDIAN_TARGET, f"median {median:.2%}"
     assert worst <= grid.WORST_TARGET, f"worst {worst:.2%}"
 
 
-@pytest.mark.parametrize("index", [1, 27])
+@pytest.mark.parametrize("index", [1, 27, -1])
 def test_recorded_traces_are_current(index, tmp_path):
     pytest.importorskip("bitsandbytes")
     rec = RECORDS[index]

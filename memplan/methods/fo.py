@@ -41,6 +41,8 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
     # at a time in backward.
     checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
+    if cfg.grad_checkpointing:
+        checkpoints += a.int8_inputs_beside_checkpoints(cfg, spec, s)
     saved = checkpoints if cfg.grad_checkpointing else all_layers
     # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
     # cast cache for trainable weights, saved casts for frozen ones.
