@@ -253,6 +253,43 @@ def lora_unsaved_masks(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) ->
     return s.tokens * targets * spec.hidden_size if cfg.lora_dropout > 0 else 0
 
 
+def dequantised_weight_bytes(cfg: Config, spec: ModelSpec, *, backward: bool) -> int:
+    """One layer's weight dequantised while its matmul runs (`--quant`), the largest layer's: 0 unquantised.
+
+    4-bit: the weight in the compute dtype (CUDA's `gemm_4bit` inside the op in forward, on its unfused
+    path; `MatMul4Bit`'s backward as an op output); int8: `CB * SCB` in fp32 (`memplan.quant.dequantised_bytes`).
+    """
+    if cfg.quant is Quant.NONE:
+        return 0
+    return max(quant.dequantised_bytes(cfg, t, backward=backward) for t in spec.tensors if quant.is_quantised(t))
+
+
+def quantised_matmul_bytes(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """The largest quantised layer's forward in flight (`--quant`), beyond what the layers save: its
+    dequantised weight, its input cast to the compute dtype and its output in it; and its fp32 input
+    when nothing saves it (a frozen 4-bit layer's; int8 layers save theirs)."""
+    if cfg.quant is Quant.NONE:
+        return 0
+    cc = quant.compute_dtype(cfg).compute_bytes
+    own = 0 if s.keeps_linear_inputs else s.cb
+    return max(quant.dequantised_bytes(cfg, t, backward=False)
+               + s.tokens * (t.fan_in * (cc + own) + t.fan_out * cc)
+               for t in spec.tensors if quant.is_quantised(t))
+
+
+def int8_inputs_beside_checkpoints(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
+    """Every int8 layer's input, which gradient checkpointing does not drop (`--quant int8`).
+
+    bitsandbytes' int8 matmuls keep their input as an attribute of the autograd context (`ctx.A`,
+    `ctx.tensors`), not through `save_for_backward`, so checkpointing's saved-tensor hooks never see
+    it: the linear inputs of all layers stay alive from forward to backward as without checkpointing.
+    """
+    if cfg.quant is not Quant.INT8:
+        return 0
+    first = 0 if cfg.scheme is Scheme.PROMPT else s.tokens * spec.hidden_size * s.cb  # layer 0's attention input
+    return s.tokens * s.cb * quant.layer_input_width(spec) - first
+
+
 def quant_unsaved_inputs(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
     """Bytes of int8 layers' inputs that the arch formulas count (`Ctx.keeps_linear_inputs`) but the
     first layer does not save: its attention input comes from frozen embeddings, so MatMul8bitLt keeps
@@ -343,7 +380,7 @@ def layer_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
     """Bytes at the peak of one layer's no-grad forward (the largest layer), plus any KV cache."""
     live = max(s.arch.live(kind, s) for kind in set(s.arch.layers(spec)))
     return s.tokens * live + scores(cfg, spec, s) * scores_transient_per_element(cfg, s) \
-        + kv_cache_bytes(cfg, spec, s)
+        + kv_cache_bytes(cfg, spec, s) + dequantised_weight_bytes(cfg, spec, backward=False)
 
 
 def inference_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> tuple[int, int]:

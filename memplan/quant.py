@@ -23,10 +23,10 @@ needed only for the reentrant one, is not installed).
 
 Each quantised layer's matmul dequantises its weight: in backward, bitsandbytes' `MatMul4Bit` and
 `MatMul8bitLt` build the whole weight (compute dtype; int8: its input's, fp32) for grad_input =
-grad_output @ W; in forward, CUDA's `gemm_4bit` does the same (dequantise, then `F.linear`) past its
-fused-kernel sizes. One layer's copy at a time, after the peak at the start of backward; the
-forward's copy is inside the op, where neither tier sees it (not counted). int8 layers also save
-their input for backward (`MatMul8bitLt` keeps A), as a trainable linear layer would.
+grad_output @ W; in forward, CUDA's `gemm_4bit` does the same (dequantise, then `F.linear`) on its
+unfused path, inside the op, where the tracker adds it by rule (`gemm_4bit_scratch`). One layer's
+copy at a time: it sets the peak only where the logits are small. int8 layers also save their input
+for backward (`MatMul8bitLt` keeps A), as a trainable linear layer would.
 
 Only adapters train on a quantised base (bitsandbytes weights have no gradient); ZO methods perturb
 and update the adapters only, never the quantised weights.
@@ -88,6 +88,64 @@ def tensor_bytes(quant: Quant, t) -> int:
         return packed + code + round_block(blocks) + round_block(4) + round_block(nested * 4) \
             + round_block(CODE_NESTED * 4)
     return packed + code + round_block(blocks * 4)
+
+
+# Linear modules of one layer that read the same input tensor.
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def layer_input_width(spec) -> int:
+    """Elements per token of the distinct inputs of every layer's quantised linear modules (q, k and v
+    read one tensor, gate and up another), summed over the layers."""
+    widths: dict[tuple, int] = {}
+    for t in spec.tensors:
+        if is_quantised(t) and t.layer is not None:
+            widths[(t.layer, t.group, SHARED_INPUT.get(t.module, t.module))] = t.fan_in
+    return sum(widths.values())
+
+
+def dequantised_bytes(cfg: Config, t, *, backward: bool) -> int:
+    """One quantised weight dequantised for a matmul.
+
+    4-bit: the weight in the compute dtype; nf4-dq first dequantises its absmax to fp32: in backward
+    (`F.dequantize_4bit`) the offset is added in place, in CUDA's forward (`gemm_4bit`'s unfused
+    path) into a second buffer. int8: `CB * SCB` in its input's dtype (fp32 after
+    prepare_model_for_kbit_training): in backward on every device; in forward on the CPU
+    (`MatMul8bitFp`, which the trace runs), while CUDA's `MatMul8bitLt` multiplies in int8 and holds
+    its input in fp16 and int8 instead (smaller at training sizes): memplan counts the weight, an
+    upper bound for CUDA.
+    """
+    n = t.numel
+    if cfg.quant is Quant.INT8:
+        return round_block(n * 4)
+    out = round_block(n * compute_dtype(cfg).compute_bytes)
+    if cfg.quant is Quant.NF4_DQ:
+        out += (1 if backward else 2) * round_block(-(-n // BLOCK) * 4)
+    return out
+
+
+GEMM_4BIT_FUSED_ROWS = 4  # bitsandbytes' CUDA gemm_4bit always runs its fused kernel up to 4 rows
+
+
+def gemm_4bit_scratch(func, args, kwargs) -> int:
+    """Bytes CUDA's `bitsandbytes::gemm_4bit` allocates inside the op on its unfused path: the
+    dequantised weight in A's dtype (and, nested, the fp32 absmax twice). Past 1536 rows CUDA always
+    takes that path; between 4 and 1536 it picks per GPU and shape, and memplan assumes the unfused
+    one (the larger). 0 for other ops."""
+    if func.name() != "bitsandbytes::gemm_4bit":
+        return 0
+    a, shape = args[0], args[2]
+    rows = a.numel() // a.shape[-1]
+    if rows <= GEMM_4BIT_FUSED_ROWS:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = round_block(n * a.element_size())
+    nested = kwargs.get("absmax_8bit") if "absmax_8bit" in kwargs else (args[7] if len(args) > 7 else None)
+    if nested is not None:
+        nbytes += 2 * round_block(nested.numel() * 4)
+    return nbytes
 
 
 # ---- the real model (torch imported inside) ---------------------------------------------------

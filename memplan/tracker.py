@@ -21,7 +21,11 @@ counts them as CUDA would:
   storage has a size but no memory on any device, so it counts 0 bytes;
 - gradient accumulation in backward: autograd sums two gradients of one tensor in place when it
   holds the last reference, but out of place when any dispatch mode is active (`old + new`): an
-  `add` in backward whose first input dies before the next allocation counts as in place.
+  `add` in backward whose first input dies before the next allocation counts as in place;
+- bitsandbytes' `gemm_4bit` (`--quant` 4-bit forward): CUDA dequantises the whole weight into a
+  buffer before `F.linear` (its unfused path, which it takes past a few rows), inside the op where
+  no tracker sees it; the tracker counts that buffer alive while the op's output is made
+  (`memplan.quant.gemm_4bit_scratch`).
 The step then names what it knows: `tag` (the storage had that role all its life: gradients,
 optimizer state) and `bind` (from now on: MeZO's new weight copy). Events are kept in order, so the
 peak and its breakdown are computed afterwards over any stretch (the measured step).
@@ -90,6 +94,7 @@ class LiveBytes(Hooks, dispatch_mode_base()):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        scratch = self._scratch(func, args, kwargs)
         inputs = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
@@ -115,7 +120,23 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             rec = self.live.get(storage_key(args[0].untyped_storage()))
             if rec is not None:
                 self._resize(rec, round_block(args[0].numel()))
+        if scratch is not None:
+            self.events.append((_FREE, scratch))
         return out
+
+    def _scratch(self, func, args, kwargs) -> _Rec | None:
+        """A buffer CUDA allocates inside `func` and frees before it returns (see the module doc)."""
+        if getattr(func, "namespace", None) != "bitsandbytes":
+            return None
+        from memplan.quant import gemm_4bit_scratch
+
+        nbytes = gemm_4bit_scratch(func, args, kwargs)
+        if not nbytes:
+            return None
+        rec = _Rec(-len(self.events), nbytes, self._regions[-1] if self._regions else _DEFAULT[self.current],
+                   func.__name__ + " (scratch)")
+        self.events.append((_ALLOC, rec))
+        return rec
 
     def _resize(self, rec: _Rec, nbytes: int) -> None:
         rec.nbytes = nbytes

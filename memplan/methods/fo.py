@@ -41,6 +41,8 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     # Gradient checkpointing keeps each layer's input (the residual stream) and recomputes one layer
     # at a time in backward.
     checkpoints = L * s.tokens * spec.hidden_size * s.r if cfg.grad_checkpointing else 0
+    if cfg.grad_checkpointing:
+        checkpoints += a.int8_inputs_beside_checkpoints(cfg, spec, s)
     saved = checkpoints if cfg.grad_checkpointing else all_layers
     # Under autocast, 16-bit copies of the matmul weights live from their first use to backward: the
     # cast cache for trainable weights, saved casts for frozen ones.
@@ -55,9 +57,18 @@ def phases(p: a.Inputs, *, step_temporaries=lambda p: 0) -> dict[Phase, dict[Cat
     embed = round_block(spec.vocab_size * spec.word_embed_proj_dim * s.wb) if tied else 0
     w = a.with_bytes
     forward = w(base, weights=cast_cache, activations=saved, logits=kept_logits + transient_logits, workspace=ws_f)
+    in_flight = a.quantised_matmul_bytes(cfg, spec, s)
+    if in_flight:  # --quant: the last layer's largest matmul, its weight dequantised
+        forward = peak_of([forward, w(base, weights=cast_cache, activations=saved + in_flight, workspace=ws_f)])
     back_start = w(base, weights=cast_cache, activations=saved, logits=s.arch.logits_backward(s), workspace=ws)
     back_end = w(base, gradients=grads + embed, workspace=ws)
+    # --quant: a layer's weight dequantised for grad_input while its backward runs (the last layer's
+    # first, with every activation still saved and the hidden states' gradient).
+    dequant = a.dequantised_weight_bytes(cfg, spec, backward=True)
     candidates = [back_start, back_end]
+    if dequant:
+        candidates.append(w(base, weights=cast_cache, activations=saved + dequant + s.tokens * spec.hidden_size * s.r,
+                            workspace=ws))
     if cfg.grad_checkpointing:  # the largest layer recomputed last, with nearly every gradient made
         candidates.append(w(base, weights=cast_cache, activations=checkpoints + max(per_kind.values()),
                             gradients=grads, workspace=ws))
