@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan import methods
+from memplan import methods, savers
 from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
@@ -38,11 +38,22 @@ def not_modelled(cfg: Config) -> str | None:
 
 def host_bytes(cfg: Config, spec: ModelSpec) -> int:
     """Host memory the step needs (offloaded state or activations); 0 when everything is on the GPU."""
-    return 0
+    return savers.paged_host_bytes(cfg, spec) + offloaded_activation_bytes(cfg, spec)
+
+
+def offloaded_activation_bytes(cfg: Config, spec: ModelSpec) -> int:
+    """--activation-offload: every layer's saved tensors, in host memory at the end of forward."""
+    if not cfg.activation_offload:
+        return 0
+    from memplan.methods import fo
+
+    s = shapes(cfg, spec)
+    inputs = Inputs(cfg, spec, s, {}, trainable(cfg, spec), None)
+    return fo.layer_saved(inputs)[1]
 
 
 def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
-    refuse = not_modelled(cfg)
+    refuse = not_modelled(cfg) or savers.refusal(cfg)
     if refuse:
         raise MemplanError(refuse)
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
@@ -251,6 +262,9 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
     if cfg.scheme is not Scheme.FT:
         weights += train_bytes  # adapters live beside the frozen model
     state = state_copies(cfg) * train_bytes
+    by_optim = savers.optimizer_state_bytes(cfg, spec, state)
+    if by_optim is not None:  # fo-adam under --optim fused / 8bit / paged-8bit / adafactor
+        state = by_optim
     base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
     return methods.get(cfg.method).phases(Inputs(cfg, spec, s, base, train, gpu_family))
 

@@ -80,7 +80,7 @@ class TraceTier:
         name = spec.name if spec is not None else model_config_dict(cfg.model)[0]
         # cuBLAS workspaces are allocated inside kernels: the tracer sees no op output for them.
         return TensorPeak(peak.phase, comps, dict(peak.phases), name, traced.trainable_params, traced.total_params,
-                          tuple(traced.warnings), workspace_counted=False)
+                          tuple(traced.warnings), workspace_counted=False, host_bytes=peak.host_bytes)
 
 
 def measured_peak(cfg: Config, model: str, phase: Phase, components: dict[Category, int],

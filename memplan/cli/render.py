@@ -98,17 +98,22 @@ def _estimate_cells(e: Estimate) -> dict[str, str]:
     return {"method": e.method.value, "peak\nGiB": fmt_gib(e.peak_device_bytes), "phase": PHASE_LABEL[e.peak_phase],
             **dict(zip(COLUMNS, map(fmt_gib, parts))), "verdict": verdict(e), "head-\nroom": fmt_gib(e.headroom_bytes),
             "max\nbatch": "-" if e.max_batch is None else str(e.max_batch),
-            "max\nseq": "-" if e.max_seq is None else str(e.max_seq)}
+            "max\nseq": "-" if e.max_seq is None else str(e.max_seq), "host\nGiB": fmt_gib(e.host_bytes)}
 
 
-VERDICT_COLUMNS = ("method", "peak\nGiB", "phase", "verdict", "head-\nroom", "max\nbatch", "max\nseq")
+def _shown(names, estimates: list[Estimate]) -> tuple[str, ...]:
+    """`names` without the host column when no estimate needs host memory."""
+    return tuple(n for n in names if n != "host\nGiB" or any(e.host_bytes for e in estimates))
+
+
+VERDICT_COLUMNS = ("method", "peak\nGiB", "phase", "verdict", "head-\nroom", "max\nbatch", "max\nseq", "host\nGiB")
 _LEFT = ("method", "phase", "verdict")
 
 
 def estimates_table(estimates: list[Estimate], names: tuple[str, ...] | None = None):
     """The `fit` / `trace` table: one row per method; `names` picks columns (default: all)."""
     cells = [_estimate_cells(e) for e in estimates]
-    names = names or tuple(cells[0])
+    names = _shown(names or tuple(cells[0]), estimates)
     table = compact_table()
     add_columns(table, names, [tuple(c[n] for n in names) for c in cells], left=_LEFT)
     return table
@@ -128,7 +133,8 @@ def estimate_blocks(estimates: list[Estimate]) -> list:
         out.append(indented(f"peak {c['peak GiB']} GiB at {c['phase']}, headroom {c['headroom']} GiB, "
                             f"max batch {c['max batch']}, max seq {c['max seq']}"))
         parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in COLUMNS)
-        out.append(indented(", ".join(parts) + " (GiB)"))
+        host = f", host memory {c['host GiB']}" if e.host_bytes else ""
+        out.append(indented(", ".join(parts) + host + " (GiB)"))
     return out
 
 
@@ -138,7 +144,22 @@ CAPTION = "all sizes in GiB (2^30 bytes); peak = device view (reserved + CUDA co
 def title_of(est: Estimate) -> str:
     gpu = f" · {est.gpu.name} {fmt_gib(est.gpu.total_bytes)} GiB" if est.gpu else " · no GPU, no verdict"
     return (f"{est.model} · {est.scheme.value} · {est.dtype.value} · batch {est.batch} x seq {est.seq} · "
-            f"{est.attention.value} · {est.tier.value}{gpu}")
+            f"{est.attention.value}{savers_label(est)} · {est.tier.value}{gpu}")
+
+
+def savers_label(est: Estimate) -> str:
+    """` · optim 8bit · activation offload · grad accum 4 (effective batch 8)`: the savers that are on."""
+    cfg = est.config
+    if cfg is None:
+        return ""
+    from memplan.savers import effective_batch
+
+    parts = [f"optim {cfg.optim.value}"] if cfg.optim.value != "foreach" else []
+    parts += [label for label, on in (("activation offload", cfg.activation_offload),
+                                      ("optimizer in backward", cfg.optimizer_in_backward)) if on]
+    if cfg.grad_accum > 1:
+        parts.append(f"grad accum {cfg.grad_accum} (effective batch {effective_batch(cfg)})")
+    return "".join(f" · {p}" for p in parts)
 
 
 def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -> None:
