@@ -7,7 +7,7 @@ from enum import Enum
 
 from memplan import hardware
 from memplan.margin import Margin
-from memplan.options import Attention, Method, Scheme
+from memplan.options import Attention, Loss, Method, Optim, Scheme
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
@@ -58,8 +58,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
 
     if cfg.attention is not Attention.SDPA:
         attempt("attention", Attention.SDPA)
-    if cfg.method.is_fo and not cfg.grad_checkpointing:
-        attempt("grad_checkpointing", True)
+    for field, value in savers(cfg, spec):
+        attempt(field, value)
     for field, known in (("batch", est.max_batch), ("seq", est.max_seq)):
         # est.max_* were searched against the whole GPU; a margin needs its own search.
         n = known if known is not None and budget == gpu.total_bytes else _largest(cfg, spec, gpu, field, budget)
@@ -78,6 +78,58 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     return out
 
 
+def savers(cfg, spec: ModelSpec) -> list[tuple[str, object]]:
+    """The memory savers that keep the training maths and apply to `cfg`, as (field, value): the
+    chunked loss, recomputation, the optimizer's implementation, optimizer in backward, offloading."""
+    out: list[tuple[str, object]] = [("loss", Loss.CHUNKED)] if cfg.loss is Loss.FULL else []
+    if cfg.method.is_fo:
+        if not cfg.grad_checkpointing:
+            out.append(("grad_checkpointing", True))
+        if cfg.method is Method.FO_ADAM:
+            if cfg.optim is Optim.FOREACH:
+                out.append(("optim", Optim.FUSED))
+            if cfg.optim not in (Optim.EIGHT_BIT, Optim.PAGED_8BIT):
+                out += [("optim", Optim.EIGHT_BIT), ("optim", Optim.PAGED_8BIT)]
+        if not cfg.optimizer_in_backward:
+            out.append(("optimizer_in_backward", True))
+        if not cfg.activation_offload:
+            out.append(("activation_offload", True))
+    return [(f, v) for f, v in out if _valid(cfg, spec, f, v)]
+
+
+def _valid(cfg, spec: ModelSpec, field: str, value) -> bool:
+    """Whether `cfg` with `field` changed is a configuration the estimator takes."""
+    from memplan.errors import MemplanError
+    from memplan.savers import refusal
+
+    try:
+        changed = cfg.replace(**{field: value})
+    except (MemplanError, ValueError):
+        return False
+    if refusal(changed) is not None:
+        return False
+    if field == "loss":
+        from memplan.arch._common import chunked_loss_refusal
+
+        return chunked_loss_refusal(changed, masked=spec.arch.objective == "masked") is None
+    return True
+
+
+def savings(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None = None) -> list[tuple[Fix, int]]:
+    """Each saver that applies to `est`'s configuration with the bytes it saves (peak device view),
+    largest saving first; the analytic tier on the changed configuration."""
+    from memplan.pipeline import device_bytes
+
+    cfg = est.config
+    base = device_bytes(cfg, spec, gpu)
+    out = []
+    for field, value in savers(cfg, spec):
+        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
+        if n < base:
+            out.append((Fix(field, value.value if isinstance(value, Enum) else value, n), base - n))
+    return sorted(out, key=lambda fs: -fs[1])
+
+
 def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
     """`--batch 4 (21.3 GiB), --scheme lora (...)`: flags for `fit`, keys for a plan file."""
     return ", ".join(f"{f.key if plan_keys else f.flag} ({f.peak_device_bytes / GIB:.1f} GiB)" for f in found)
@@ -88,6 +140,10 @@ def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None) -> lis
     if gpu is None or est.fits is not False:
         return []
     found = fixes(est, spec, gpu)
-    if not found:
-        return [f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
-    return [f"{est.method.value} would fit with: {describe(found)}"]
+    saved = savings(est, spec, gpu)
+    lines = [f"{est.method.value} would fit with: {describe(found)}" if found
+             else f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
+    if saved:
+        lines.append(f"{est.method.value} memory savers: " + ", ".join(
+            f"`{fix.flag}` saves {n / GIB:.1f} GiB" for fix, n in saved))
+    return lines

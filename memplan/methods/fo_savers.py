@@ -30,9 +30,16 @@ def offload_phases(p: a.Inputs, *, per_kind: dict, grads: int, embed: int, ws_f:
     forward = peak_of([w(base, activations=in_flight, workspace=ws_f),
                        w(base, logits=kept_logits + transient_logits, workspace=ws_f)])
     back_start = w(base, logits=s.arch.logits_backward(s), workspace=ws)
+    node = max(per_kind.values())
+    if cfg.optimizer_in_backward:  # one gradient and its step at a time (a tied lm_head's waits)
+        stepping = w(base, activations=node, gradients=embed + p.train.largest_bytes, optimizer_state=one_tensor_step(p),
+                     workspace=ws)
+        return {Phase.LOAD: dict(base), Phase.FORWARD: forward,
+                Phase.BACKWARD: peak_of([back_start, stepping, w(base, gradients=2 * embed, workspace=ws)]),
+                Phase.OPTIMIZER_STEP: dict(base)}
     # A layer's backward, late: nearly every gradient made, the node's unpacked tensors (at most the
     # layer's saved bytes) back on the GPU.
-    back_layer = w(base, activations=max(per_kind.values()), gradients=grads + embed, workspace=ws)
+    back_layer = w(base, activations=node, gradients=grads + embed, workspace=ws)
     return {
         Phase.LOAD: w(base, gradients=grads),
         Phase.FORWARD: forward,
