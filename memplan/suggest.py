@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from memplan import hardware
+from memplan.errors import MemplanError
 from memplan.margin import Margin
 from memplan.options import Attention, Loss, Method, Optim, Scheme
 from memplan.result import GIB, Estimate
@@ -51,8 +52,11 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     cfg = est.config
     out: list[Fix] = []
 
-    def attempt(field: str, value) -> None:
-        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
+    def attempt(field: str, value, **along) -> None:
+        try:
+            n = device_bytes(cfg.replace(**{field: value}, **along), spec, gpu)
+        except MemplanError:  # a change this configuration's other options refuse
+            return
         if n <= budget:
             out.append(Fix(field, value.value if isinstance(value, Enum) else value, n))
 
@@ -68,7 +72,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     if cfg.scheme is Scheme.FT:
         attempt("scheme", Scheme.LORA)
     if cfg.method is not Method.ZO_SGD:
-        attempt("method", Method.ZO_SGD)
+        # The first-order savers do not carry over to ZO: the switch drops them.
+        attempt("method", Method.ZO_SGD, optim=Optim.FOREACH, activation_offload=False, optimizer_in_backward=False)
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):
         if other.total_bytes > gpu.total_bytes:
             n = device_bytes(cfg, spec, other)

@@ -183,3 +183,36 @@ def test_suggestions_name_the_savers_and_what_each_saves():
     assert found["--optimizer-in-backward"] >= short.trainable_params * 2  # at least the bf16 gradients
     lines = suggestions(est, resolve("llama-3.1-8b"), hardware.get_gpu("rtx-4090"))
     assert any("`--optim 8bit` saves" in line for line in lines)
+
+
+def test_check_explains_the_effective_batch():
+    from memplan import plan
+
+    pf = plan.parse("gpus: [rtx-4090]\nruns:\n  - model: llama-3.1-8b\n    method: fo-adam\n    dtype: bf16\n"
+                    "    batch: 2\n    seq: 2048\n    grad_accum: 8\n    optim: paged-8bit\n")
+    (result,) = plan.check(pf)
+    assert "effective batch 16 = batch 2 x grad_accum 8 x 1 GPU" in result.summary()
+    assert result.to_json_dict()["effective_batch"] == 16
+    assert result.estimate.host_bytes > 0
+
+
+def test_readme_numbers_are_the_codes():
+    # The README quotes these estimates; they must be what the code gives.
+    from pathlib import Path
+
+    from memplan.api import estimate
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def peak(**kw) -> str:
+        est = estimate("llama-3.1-8b", "fo-adam", dtype="bf16", search=False, **kw)
+        return f"{est.peak_device_bytes / 2**30:.2f}"
+
+    short = {"batch": 1, "seq": 512}
+    for optim in ("foreach", "fused", "loop", "8bit", "paged-8bit", "adafactor"):
+        assert peak(**short, optim=optim) in readme, optim
+    assert peak(**short, optimizer_in_backward=True) in readme
+    assert peak(**short, optimizer_in_backward=True, optim="8bit") in readme
+    lora = {"scheme": "lora", "batch": 4, "seq": 2048}
+    assert peak(**lora) in readme and peak(**lora, activation_offload=True) in readme
+    assert peak(batch=2, seq=2048, grad_accum=8) == peak(batch=2, seq=2048) and peak(batch=2, seq=2048) in readme
