@@ -46,9 +46,12 @@ def refusal(cfg: Config) -> str | None:
         if cfg.method is Method.FO_SGD:
             return (f"--optim {opt.value} replaces Adam; fo-sgd takes foreach, fused or loop "
                     f"(use --method fo-adam with --optim {opt.value})")
-        return (f"--optim {opt.value} is modelled for fo-adam only; {cfg.method.value} takes foreach or loop")
+        return (f"--optim {opt.value} is modelled for fo-adam only; {cfg.method.value} takes foreach"
+                f"{'' if cfg.method.value == 'zo-adam' else ' or loop'}")
     if opt is Optim.FUSED and fam != "fo":
         return f"--optim fused is modelled for first-order methods; {cfg.method.value} takes foreach or loop"
+    if opt is Optim.LOOP and fam != "fo" and cfg.method.value == "zo-adam":
+        return "--optim loop is not modelled for zo-adam (its per-tensor update is modelled with foreach Adam); use foreach"
     if fam != "fo":
         for flag, on in (("--activation-offload", cfg.activation_offload),
                          ("--optimizer-in-backward", cfg.optimizer_in_backward)):
