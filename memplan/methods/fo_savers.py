@@ -7,6 +7,12 @@ the backward node that needs it runs; the copy dies with the node. The lm_head a
 after the decoder and keep their tensors on the GPU (torchtune wraps its output layer in a no-op
 context for the same reason). So the GPU holds, in forward, one layer's working set and then the
 logits; in backward, the logits' gradient and then, per node, the tensors it unpacked.
+How it relates to the two implementations users name: torch's `save_on_cpu` copies every saved
+tensor, weights included (a host copy of each weight per use), and brings each back as its node
+runs, as this step does for activations; torchtune's `OffloadActivations` also leaves parameters
+alone, keeps tensors under 1 KiB on the GPU, and on CUDA overlaps the copies on a second stream,
+fetching the next tensors while a node runs, so it can hold a little more in backward than this
+step (up to the tensors being fetched).
 
 Optimizer in backward (`fo.PerParameter`): a parameter's step runs in its post-accumulate-grad
 hook, and its gradient is freed right after: one gradient (and that tensor's step temporaries) at a
