@@ -255,9 +255,9 @@ class Config(BaseModel):
             data = dict(data)
             on = data.pop("foreach")
             if not isinstance(on, bool):
-                raise ValueError(f"foreach (deprecated; use optim: foreach|loop) must be true or false, got {on!r}")
+                raise ValueError(f"has foreach (deprecated: optim foreach|loop), which must be true or false, got {on!r}")
             if "optim" in data and Optim.parse(data["optim"]) not in (Optim.FOREACH, Optim.LOOP):
-                raise ValueError("give optim or the deprecated foreach, not both")
+                raise ValueError("has both optim and the deprecated foreach: give optim alone")
             data.setdefault("optim", Optim.FOREACH if on else Optim.LOOP)
         return data
 

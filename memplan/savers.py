@@ -1,6 +1,8 @@
 """Memory savers of the optimizer and the backward pass: what `--optim`, `--activation-offload`,
 `--optimizer-in-backward` and `--grad-accum` change, as small formulas beside the rules of which
-method takes which. Imports no torch; the real steps live in `memplan/methods/fo.py`.
+method takes which (`refusal`). Imports no torch. The first-order phases under offloading and
+optimizer-in-backward are in `memplan/methods/fo_savers.py`, the real steps in `memplan/methods/fo.py`
+and `memplan/steps.py` (`Step.offloading`).
 
 Sources (read in the installed packages the steps run):
 - torch.optim.Adam: `_multi_tensor_adam` takes `_foreach_sqrt(exp_avg_sqs)`, one temporary per

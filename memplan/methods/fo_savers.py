@@ -101,16 +101,28 @@ def bnb_adam8bit(params, lr: float, *, paged: bool):
     it runs outside fake mode, and on fake tensors the maps are made again, empty, inside the
     first step (where CUDA puts them on the device), so the tracker counts them.
     """
-    import bitsandbytes as bnb
+    import logging
+
     import torch
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from memplan.steps import is_fake
 
+    # On a CPU, importing bitsandbytes logs that a 4-bit CPU kernel package is missing: nothing the
+    # optimizers use.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level, cpu_ops.level = cpu_ops.level, logging.ERROR
+    try:
+        import bitsandbytes as bnb
+    finally:
+        cpu_ops.setLevel(level)
+
     cls = bnb.optim.PagedAdam8bit if paged else bnb.optim.Adam8bit
     with unset_fake_temporarily():
         opt = cls(params, lr=lr)
     if params and is_fake(params[0]):
+        # The trace stands for a CUDA step: no "paged optimizers are not supported on CPU" warning.
+        opt._cpu_paged_warned = True
         opt.name2qmap.clear()
 
         def fill_qmap() -> None:
