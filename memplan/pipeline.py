@@ -137,6 +137,9 @@ def _warnings(peak: TensorPeak, cfg: Config, spec: ModelSpec | None) -> list[str
         out.append(f"seq {cfg.seq} is beyond {spec.name}'s {spec.max_positions} positions")
     if cfg.grad_checkpointing and not cfg.method.is_fo:
         out.append(f"--grad-checkpointing has no effect on {cfg.method.value} (no backward pass)")
+    from memplan.savers import notes
+
+    out += notes(cfg, spec)
     return out + [w for w in peak.warnings if w not in out]
 
 

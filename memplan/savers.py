@@ -216,6 +216,19 @@ def paged_host_bytes(cfg: Config, spec: ModelSpec) -> int:
     return sum(paged_state_host_bytes(math.prod(shape)) for shape, _ in trainable_shapes(cfg, spec))
 
 
+def notes(cfg: Config, spec: ModelSpec | None) -> list[str]:
+    """What an estimate should say about the savers: the GPU's share of a paged optimizer state."""
+    if spec is None or cfg.optim is not Optim.PAGED_8BIT or cfg.method not in _ADAM_LIKE:
+        return []
+    paged = [math.prod(shape) for shape, _ in trainable_shapes(cfg, spec) if math.prod(shape) >= PAGED_MIN]
+    if not paged:
+        return []
+    one = paged_state_host_bytes(max(paged))
+    return [f"paged-8bit: {paged_host_bytes(cfg, spec) / 2**30:.2f} GiB of optimizer state lives in CUDA unified "
+            f"memory (host_bytes); each tensor's state is paged to the GPU for its own step (at most "
+            f"{one / 2**20:.1f} MiB at a time) and stays only while the GPU has room, so it is not in the peak"]
+
+
 def effective_batch(cfg: Config) -> int:
     """Sequences per optimizer step: batch x grad_accum x num_gpus (data-parallel ranks)."""
     return cfg.batch * cfg.grad_accum * cfg.num_gpus

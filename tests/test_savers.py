@@ -233,3 +233,12 @@ def test_fake_tensors_count_what_real_ones_do(models, kw):
     maps = 2048 if "8bit" in str(kw.get("optim")) else 0
     assert fake.allocated == real.allocated + maps
     assert fake.host_bytes == real.host_bytes
+
+
+def test_paged_state_note_says_the_gpu_share():
+    from memplan.api import estimate
+
+    est = estimate("llama-3.1-8b", "fo-adam", dtype="bf16", optim="paged-8bit", search=False)
+    # The largest paged tensor is the 128256 x 4096 embedding: two uint8 states, 2 * 525336576 B.
+    assert any("unified memory" in w and f"{2 * 525336576 / 2**20:.1f} MiB" in w for w in est.warnings)
+    assert not estimate("llama-3.1-8b", "fo-adam", dtype="bf16", optim="8bit", search=False).warnings
