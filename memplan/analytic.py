@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan import methods, quant, sharding
+from memplan import methods, quant, savers, sharding
 from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
@@ -32,20 +32,37 @@ Shapes = Ctx  # the sizes of one configuration, as formulas read them
 def not_modelled(cfg: Config) -> str | None:
     """Options a tier accepts in `Config` but cannot estimate, or None (a layout no library runs,
     a quantised base that cannot train)."""
-    if cfg.quant is not Quant.NONE and cfg.num_gpus > 1:
-        return "--quant with --num-gpus above 1 is not modelled yet (FSDP + QLoRA): estimate one GPU"
+    if cfg.num_gpus > 1:
+        if cfg.quant is not Quant.NONE:
+            return "--quant with --num-gpus above 1 is not modelled yet (FSDP + QLoRA): estimate one GPU"
+        savers_on = [flag for flag, on in (("--optim " + cfg.optim.value, cfg.optim.value in (
+            "8bit", "paged-8bit", "adafactor")), ("--activation-offload", cfg.activation_offload),
+            ("--optimizer-in-backward", cfg.optimizer_in_backward)) if on]
+        if savers_on:
+            return (f"{', '.join(savers_on)} with --num-gpus above 1 is not modelled yet: "
+                    "estimate one GPU, or drop the option")
     return quant.refusal(cfg) or sharding.refusal(cfg)
 
 
 def host_bytes(cfg: Config, spec: ModelSpec) -> int:
-    """Host memory the step needs on one machine (offloaded state); 0 when everything is on the GPU."""
-    if sharding.is_plain(cfg):
+    """Host memory the step needs on one machine (offloaded state, paged optimizer state, offloaded
+    activations); 0 when everything is on the GPU."""
+    layout = 0 if sharding.is_plain(cfg) else sharding.host_bytes(inputs(cfg, spec, None))
+    return layout + savers.paged_host_bytes(cfg, spec) + offloaded_activation_bytes(cfg, spec)
+
+
+def offloaded_activation_bytes(cfg: Config, spec: ModelSpec) -> int:
+    """--activation-offload: every layer's saved tensors, in host memory at the end of forward."""
+    if not cfg.activation_offload:
         return 0
-    return sharding.host_bytes(inputs(cfg, spec, None))
+    from memplan.methods import fo
+
+    s = shapes(cfg, spec)
+    return fo.layer_saved(Inputs(cfg, spec, s, {}, trainable(cfg, spec), None))[1]
 
 
 def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
-    refuse = not_modelled(cfg)
+    refuse = not_modelled(cfg) or savers.refusal(cfg)
     if refuse:
         raise MemplanError(refuse)
     seq_in = cfg.seq + (cfg.prompt_tokens if cfg.scheme is Scheme.PROMPT else 0)
@@ -342,6 +359,9 @@ def inputs(cfg: Config, spec: ModelSpec, gpu_family) -> Inputs:
     if cfg.scheme is not Scheme.FT:
         weights += train_bytes  # adapters live beside the frozen model
     state = state_copies(cfg) * train_bytes
+    by_optim = savers.optimizer_state_bytes(cfg, spec, state)
+    if by_optim is not None:  # fo-adam under --optim fused / 8bit / paged-8bit / adafactor
+        state = by_optim
     base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
     return Inputs(cfg, spec, s, base, train, gpu_family)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from memplan.errors import MemplanError, unknown
 
@@ -137,6 +137,20 @@ class Quant(_Choice):
     @classmethod
     def _kind(cls) -> str:
         return "quantisation"
+class Optim(_Choice):
+    FOREACH = "foreach", "torch's multi-tensor step (its default on CUDA): about one trainable-sized temporary"
+    FUSED = "fused", "torch's fused kernel (fused=True): no temporaries; Adam keeps its step counters on the GPU"
+    LOOP = "loop", "torch's for-loop step (foreach=False): one tensor's temporaries at a time"
+    EIGHT_BIT = "8bit", ("bitsandbytes Adam8bit: 1-byte exp_avg and exp_avg_sq with an fp32 constant per "
+                         "256 elements; tensors under 4096 elements keep fp32 state")
+    PAGED_8BIT = "paged-8bit", ("bitsandbytes PagedAdam8bit: as 8bit, the state of tensors of 1e5+ elements in "
+                                "CUDA unified memory (host), paged to the GPU for the step")
+    ADAFACTOR = "adafactor", ("transformers' Adafactor as the HF Trainer builds it (--optim adafactor): "
+                              "factored fp32 second moment, no first moment")
+
+    @classmethod
+    def _kind(cls) -> str:
+        return "optimizer implementation"
 
 
 class Sharding(_Choice):
@@ -211,7 +225,16 @@ class Config(BaseModel):
     svrg_anchor_batches: int = Field(1, ge=1, description="mezo-svrg: batches of --batch sequences whose mean loss "
                                      "the anchor pass's full-batch estimate takes (two forwards each).")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="fo-sgd momentum (> 0 keeps a momentum buffer).")
-    foreach: bool = Field(True, description="Multi-tensor (foreach) optimizer step, torch's default on CUDA.")
+    optim: Optim = Field(Optim.FOREACH, description="Optimizer implementation: torch's foreach / fused / loop "
+                         "step, bitsandbytes 8-bit or paged 8-bit Adam, or Adafactor (first-order; ZO methods "
+                         "take foreach or loop).")
+    activation_offload: bool = Field(False, description="Saved activations wait in host memory until backward "
+                                     "(torchtune's enable_activation_offloading; first-order only).")
+    optimizer_in_backward: bool = Field(False, description="Each parameter's optimizer step runs as soon as its "
+                                        "gradient is complete, so gradients never coexist (torchtune's "
+                                        "optimizer_in_bwd; first-order only).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation); the "
+                            "peak is a micro-batch's, the effective batch is batch x grad_accum x num_gpus.")
     hf_version: HfVersion = Field(HfVersion.CURRENT, description="transformers behaviour to model.")
     use_cache: bool = Field(False, description="Keep the KV cache during forward passes (transformers' default when not set).")
     loss: Loss = Field(Loss.FULL, description="How the loss is computed from the hidden states: full logits, or "
@@ -253,15 +276,29 @@ class Config(BaseModel):
         except TypeError as e:  # a field given twice, say
             raise MemplanError(str(e)) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _foreach_alias(cls, data):
+        """`foreach: true|false` (plans and API calls of earlier releases) is `optim: foreach|loop`."""
+        if isinstance(data, dict) and "foreach" in data:
+            data = dict(data)
+            on = data.pop("foreach")
+            if not isinstance(on, bool):
+                raise ValueError(f"has foreach (deprecated: optim foreach|loop), which must be true or false, got {on!r}")
+            if "optim" in data and Optim.parse(data["optim"]) not in (Optim.FOREACH, Optim.LOOP):
+                raise ValueError("has both optim and the deprecated foreach: give optim alone")
+            data.setdefault("optim", Optim.FOREACH if on else Optim.LOOP)
+        return data
+
     @field_validator("method", "scheme", "dtype", "attention", "perturbation", "hf_version", "loss", "sharding",
-                     "offload", "quant", mode="before")
+                     "offload", "quant", "optim", mode="before")
     @classmethod
     def _parse_choice(cls, value, info):
         return cls.model_fields[info.field_name].annotation.parse(value)
 
     @field_validator("batch", "seq", "lora_rank", "lora_alpha", "prefix_tokens", "prompt_tokens", "zo_queries",
                      "svrg_interval", "svrg_anchor_batches", "zo_rank", "lozo_interval", "subzero_interval",
-                     "loss_chunks", "num_gpus", "nodes", mode="before")
+                     "loss_chunks", "num_gpus", "nodes", "grad_accum", mode="before")
     @classmethod
     def _no_bool_sizes(cls, value):
         if isinstance(value, bool):  # bool is an int subclass: batch=True would be batch 1

@@ -81,7 +81,7 @@ class TraceTier:
         name = spec.name if spec is not None else model_config_dict(cfg.model)[0]
         # cuBLAS workspaces are allocated inside kernels: the tracer sees no op output for them.
         return TensorPeak(peak.phase, comps, dict(peak.phases), name, traced.trainable_params, traced.total_params,
-                          tuple(traced.warnings), workspace_counted=False)
+                          tuple(traced.warnings), workspace_counted=False, host_bytes=peak.host_bytes)
 
 
 def measured_peak(cfg: Config, model: str, phase: Phase, components: dict[Category, int],
@@ -141,6 +141,9 @@ def _warnings(peak: TensorPeak, cfg: Config, spec: ModelSpec | None) -> list[str
                    f"--host-memory is {cfg.host_memory:g} GiB")
     if cfg.grad_checkpointing and not cfg.method.is_fo:
         out.append(f"--grad-checkpointing has no effect on {cfg.method.value} (no backward pass)")
+    from memplan.savers import notes
+
+    out += notes(cfg, spec)
     return out + [w for w in peak.warnings if w not in out]
 
 

@@ -264,7 +264,20 @@ class Result:
         """`peak 52.1 GiB > budget 75.7 GiB (79.6 GiB - 5% margin)`-style verdict line."""
         rel = "<=" if self.fits else ">"
         return (f"peak {self.estimate.peak_device_bytes / GIB:.2f} GiB {rel} {self.budget_bytes / GIB:.2f} GiB "
-                f"({self.gpu}: {self.total_bytes / GIB:.2f} GiB total - {self.margin_bytes / GIB:.2f} GiB margin)")
+                f"({self.gpu}: {self.total_bytes / GIB:.2f} GiB total - {self.margin_bytes / GIB:.2f} GiB margin)"
+                f"{self.batch_note()}")
+
+    def batch_note(self) -> str:
+        """`; effective batch 16 = batch 2 x grad_accum 8 x 1 GPU (the peak is one micro-batch's)`, when
+        the optimizer steps over more than one micro-batch."""
+        from memplan.savers import effective_batch
+
+        cfg = self.estimate.config
+        if cfg is None or cfg.grad_accum == 1 and cfg.num_gpus == 1:
+            return ""
+        gpus = f"{cfg.num_gpus} GPU{'s' if cfg.num_gpus > 1 else ''}"
+        return (f"; effective batch {effective_batch(cfg)} = batch {cfg.batch} x grad_accum {cfg.grad_accum} x "
+                f"{gpus} (the peak is one micro-batch's: gradients accumulate in place)")
 
     def advice(self) -> str:
         """The smallest change that makes it fit, then the others (plan-file spelling)."""
@@ -284,7 +297,14 @@ class Result:
             "total_bytes": self.total_bytes, "margin_bytes": self.margin_bytes, "budget_bytes": self.budget_bytes,
             "headroom_bytes": self.budget_bytes - self.estimate.peak_device_bytes,
             "fixes": [f.to_json_dict() for f in self.fixes], "estimate": self.estimate.to_json_dict(),
+            "effective_batch": _effective_batch(self.estimate),
         }
+
+
+def _effective_batch(est: Estimate) -> int | None:
+    from memplan.savers import effective_batch
+
+    return effective_batch(est.config) if est.config is not None else None
 
 
 def _estimator(tier: str):

@@ -52,6 +52,10 @@ class Hooks:
     def host(self, tensors: Iterable) -> None:
         """These tensors live in host memory when the step runs on CUDA (Adam's step counters)."""
 
+    def offloaded(self, tensors: Iterable) -> None:
+        """These tensors hold data moved to host memory (offloaded activations, paged optimizer state):
+        host bytes the step needs, apart from the GPU's."""
+
 
 class PhaseHooks(Hooks):
     """Hooks that only forward phase boundaries to a callback (what the calibration runner needs)."""
@@ -101,6 +105,10 @@ class Step:
         self.state: dict[str, object] = {}
         self.warnings: list[str] = []
         m = self.method
+        from memplan.savers import refusal
+
+        if refusal(config):
+            raise MemplanError(refusal(config))
         if config.zo_queries > 1 and m.one_query:
             raise MemplanError(f"{m.name} takes one query per step (zo_queries=1), as ZO-Bench's does")
         if config.grad_checkpointing and m.family is not methods.Family.FO:
@@ -143,15 +151,87 @@ class Step:
         return model(**self.kwargs(batch)).loss
 
     def tag_optimizer_state(self, params) -> None:
+        """Tag the optimizer's tensors of `params`: its state; torch's step counters, host tensors on
+        CUDA unless the step is fused; bitsandbytes' paged state, in unified (host) memory."""
         import torch
 
-        state, host = [], []
+        from memplan.savers import PAGED_MIN
+
+        state, host, paged = [], [], []
+        fused = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
+        is_paged = self.config.optim.value == "paged-8bit"
         for p in params:
             for k, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    (host if k == "step" else state).append(v)
-        self.hooks.tag(Category.OPTIMIZER_STATE, state)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if k == "step" and not fused:
+                    host.append(v)
+                elif is_paged and k in ("state1", "state2") and v.dtype == torch.uint8 and p.numel() >= PAGED_MIN:
+                    paged.append(v)
+                else:
+                    state.append(v)
+        self.hooks.tag(Category.OPTIMIZER_STATE, state + paged)
         self.hooks.host(host)
+        self.hooks.offloaded(paged)
+
+    @contextlib.contextmanager
+    def offloading(self):
+        """With --activation-offload: what the decoder saves for backward waits in host memory.
+
+        A `saved_tensors_hooks` pair as torch's `save_on_cpu` (pinned host copies on CUDA), but
+        weights stay where they are and only the decoder's tensors go (the lm_head and the loss
+        run after it and keep theirs, as torchtune's offloading does); a tensor saved by several
+        nodes is copied once. Backward copies each back to the GPU for the node that needs it.
+        """
+        if not self.config.activation_offload:
+            yield
+            return
+        import weakref
+
+        import torch
+
+        from memplan._compat import storage_key
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        weights = {storage_key(t.untyped_storage()) for t in [*self.model.parameters(), *self.model.buffers()]}
+        on = [False]
+        copies: dict[tuple, tuple] = {}  # (id(base), view) -> (a weak reference to the base, its host copy)
+        pin = self.device_type == "cuda"
+        hooks = self.hooks
+
+        def pack(t):
+            if not on[0] or storage_key(t.untyped_storage()) in weights:
+                return t
+            # One copy per tensor, however many nodes save it or a view of it alike (linear layers save
+            # their own `view(-1, h)` of a shared input); keyed by the base tensor while it lives, since
+            # an id may be reused once it dies.
+            src = t._base if t._base is not None else t
+            key = (id(src), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            known = copies.get(key)
+            if known is not None and known[0]() is src:
+                return known[1]
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            host.copy_(t, non_blocking=pin)
+            hooks.offloaded([host])
+            copies[key] = (weakref.ref(src), (t.device, host))
+            return copies[key][1]
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            out = torch.empty(host.shape, dtype=host.dtype, device=device)  # a new block, even on the CPU
+            return out.copy_(host, non_blocking=pin)
+
+        # From the token embedding to the lm_head: the decoder (some models call it past their base model).
+        handles = [base.get_input_embeddings().register_forward_pre_hook(lambda *_: on.__setitem__(0, True)),
+                   base.get_output_embeddings().register_forward_pre_hook(lambda *_: on.__setitem__(0, False))]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def chunked_loss(model, kwargs: dict, chunks: int):

@@ -8,7 +8,7 @@ from enum import Enum
 from memplan import hardware, quant
 from memplan.errors import MemplanError
 from memplan.margin import Margin
-from memplan.options import Attention, Method, Offload, Quant, Scheme, Sharding
+from memplan.options import Attention, Loss, Method, Offload, Optim, Quant, Scheme, Sharding
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
@@ -74,9 +74,9 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     def host_ok(c) -> bool:
         return not c.host_memory or host_bytes(c, spec) <= c.host_memory_bytes
 
-    def attempt(field: str, value) -> None:
+    def attempt(field: str, value, **along) -> None:
         try:
-            changed = cfg.replace(**{field: value})
+            changed = cfg.replace(**{field: value}, **along)
             n = device_bytes(changed, spec, gpu)
         except MemplanError:  # a change the other options refuse (zo-sgd with --offload optimizer, say)
             return
@@ -85,8 +85,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
 
     if cfg.attention is not Attention.SDPA:
         attempt("attention", Attention.SDPA)
-    if cfg.method.is_fo and not cfg.grad_checkpointing:
-        attempt("grad_checkpointing", True)
+    for field, value in savers(cfg, spec):
+        attempt(field, value)
     for field, known in (("batch", est.max_batch), ("seq", est.max_seq)):
         # est.max_* were searched against the whole GPU; a margin needs its own search.
         n = known if known is not None and budget == gpu.total_bytes else _largest(cfg, spec, gpu, field, budget)
@@ -98,7 +98,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
                                                    masked=spec.arch.objective == "masked") is None:
         attempt("quant", Quant.NF4)  # QLoRA: the frozen base in 4 bits
     if cfg.method is not Method.ZO_SGD:
-        attempt("method", Method.ZO_SGD)
+        # The first-order savers do not carry over to ZO: the switch drops them.
+        attempt("method", Method.ZO_SGD, optim=Optim.FOREACH, activation_offload=False, optimizer_in_backward=False)
     out.extend(layouts(cfg, spec, gpu, budget, host_ok))
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):
         if other.total_bytes > gpu.total_bytes and host_ok(cfg):
@@ -158,6 +159,58 @@ def layouts(cfg, spec: ModelSpec, gpu: hardware.Gpu, budget: int, host_ok) -> li
                 out.append(fix({"offload": offload}, n))
                 break
     return out
+def savers(cfg, spec: ModelSpec) -> list[tuple[str, object]]:
+    """The memory savers that keep the training maths and apply to `cfg`, as (field, value): the
+    chunked loss, recomputation, the optimizer's implementation, optimizer in backward, offloading."""
+    out: list[tuple[str, object]] = [("loss", Loss.CHUNKED)] if cfg.loss is Loss.FULL else []
+    if cfg.method.is_fo:
+        if not cfg.grad_checkpointing:
+            out.append(("grad_checkpointing", True))
+        if cfg.method is Method.FO_ADAM:
+            if cfg.optim is Optim.FOREACH:
+                out.append(("optim", Optim.FUSED))
+            if cfg.optim not in (Optim.EIGHT_BIT, Optim.PAGED_8BIT):
+                out += [("optim", Optim.EIGHT_BIT), ("optim", Optim.PAGED_8BIT)]
+        if not cfg.optimizer_in_backward:
+            out.append(("optimizer_in_backward", True))
+        if not cfg.activation_offload:
+            out.append(("activation_offload", True))
+    return [(f, v) for f, v in out if _valid(cfg, spec, f, v)]
+
+
+def _valid(cfg, spec: ModelSpec, field: str, value) -> bool:
+    """Whether `cfg` with `field` changed is a configuration the estimator takes."""
+    from memplan.errors import MemplanError
+    from memplan.savers import refusal
+
+    try:
+        changed = cfg.replace(**{field: value})
+    except (MemplanError, ValueError):
+        return False
+    from memplan.analytic import not_modelled
+
+    if refusal(changed) is not None or not_modelled(changed) is not None:
+        return False
+    if field == "loss":
+        from memplan.arch._common import chunked_loss_refusal
+
+        return chunked_loss_refusal(changed, masked=spec.arch.objective == "masked") is None
+    return True
+
+
+def savings(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None = None) -> list[tuple[Fix, int]]:
+    """Each saver that applies to `est`'s configuration with the bytes it saves (peak device view),
+    largest saving first; the analytic tier on the changed configuration."""
+    from memplan.pipeline import device_bytes
+
+    cfg = est.config
+    base = device_bytes(cfg, spec, gpu)
+    out = []
+    for field, value in savers(cfg, spec):
+        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
+        if n < base:
+            out.append((Fix(field, value.value if isinstance(value, Enum) else value, n), base - n))
+    return sorted(out, key=lambda fs: -fs[1])
 
 
 def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
@@ -172,6 +225,10 @@ def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None) -> lis
     if gpu is None or est.fits is not False:
         return []
     found = fixes(est, spec, gpu)
-    if not found:
-        return [f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
-    return [f"{est.method.value} would fit with: {describe(found)}"]
+    saved = savings(est, spec, gpu)
+    lines = [f"{est.method.value} would fit with: {describe(found)}" if found
+             else f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
+    if saved:
+        lines.append(f"{est.method.value} memory savers: " + ", ".join(
+            f"`{fix.flag}` saves {n / GIB:.1f} GiB" for fix, n in saved))
+    return lines

@@ -59,11 +59,12 @@ _DEFAULT = {
 
 
 class _Rec:
-    __slots__ = ("key", "nbytes", "born", "now", "op", "sum_of", "__weakref__")
+    __slots__ = ("key", "nbytes", "born", "now", "op", "sum_of", "host", "__weakref__")
 
     def __init__(self, key: int, nbytes: int, born: Category, op: str):
         self.key, self.nbytes, self.born, self.now, self.op = key, nbytes, born, born, op
         self.sum_of: _Rec | None = None  # backward `old + new`: the `old` it would overwrite on CUDA
+        self.host = False  # offloaded: counted in host bytes, not the GPU's
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Peak:
     components: dict[Category, int]
     phases: dict[Phase, int] = field(default_factory=dict)
     op: str = ""  # the op whose output set the peak
+    host_bytes: int = 0  # the most bytes held in host memory (offloaded) at once over the stretch
 
 
 class LiveBytes(Hooks, dispatch_mode_base()):
@@ -203,6 +205,10 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             for rec in self._recs(tensors):
                 rec.nbytes = 0
 
+    def offloaded(self, tensors) -> None:
+        for rec in self._recs(tensors):
+            rec.host = True
+
     def adopt(self, tensors, category: Category) -> None:
         """Count storages made before tracking began (the model's weights)."""
         for t in tensors:
@@ -242,11 +248,20 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         cat: dict[_Rec, Category] = {}
         totals = dict.fromkeys(Category, 0)
         total, best, phase = 0, None, Phase.LOAD
+        host = host_peak = 0
         phases: dict[Phase, int] = {}
         in_place = self._in_place_sums()
         overwritten: set[_Rec] = set()
         for i, ev in enumerate(self.events):
             kind = ev[0]
+            if kind == _ALLOC and ev[1].host:
+                host += ev[1].nbytes
+                if i >= start:
+                    host_peak = max(host_peak, host)
+                continue
+            if kind == _FREE and ev[1].host:
+                host -= ev[1].nbytes
+                continue
             if kind == _ALLOC:
                 rec = ev[1]
                 c = cat[rec] = rec.born
@@ -283,6 +298,7 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         if best is None:
             best = Peak(total, phase, {c: n for c, n in totals.items() if n})
         best.phases = phases
+        best.host_bytes = max(host_peak, host)
         return best
 
 

@@ -108,10 +108,15 @@ def _estimate_cells(e: Estimate, columns: dict = COLUMNS) -> dict[str, str]:
     return {"method": e.method.value, "peak\nGiB": fmt_gib(e.peak_device_bytes), "phase": PHASE_LABEL[e.peak_phase],
             **dict(zip(columns, map(fmt_gib, parts))), "verdict": verdict(e), "head-\nroom": fmt_gib(e.headroom_bytes),
             "max\nbatch": "-" if e.max_batch is None else str(e.max_batch),
-            "max\nseq": "-" if e.max_seq is None else str(e.max_seq)}
+            "max\nseq": "-" if e.max_seq is None else str(e.max_seq), "host\nGiB": fmt_gib(e.host_bytes)}
 
 
-VERDICT_COLUMNS = ("method", "peak\nGiB", "phase", "verdict", "head-\nroom", "max\nbatch", "max\nseq")
+def _shown(names, estimates: list[Estimate]) -> tuple[str, ...]:
+    """`names` without the host column when no estimate needs host memory."""
+    return tuple(n for n in names if n != "host\nGiB" or any(e.host_bytes for e in estimates))
+
+
+VERDICT_COLUMNS = ("method", "peak\nGiB", "phase", "verdict", "head-\nroom", "max\nbatch", "max\nseq", "host\nGiB")
 _LEFT = ("method", "phase", "verdict")
 
 
@@ -119,7 +124,7 @@ def estimates_table(estimates: list[Estimate], names: tuple[str, ...] | None = N
     """The `fit` / `trace` table: one row per method; `names` picks columns (default: all)."""
     columns = columns_of(estimates)
     cells = [_estimate_cells(e, columns) for e in estimates]
-    names = names or tuple(cells[0])
+    names = _shown(names or tuple(cells[0]), estimates)
     table = compact_table()
     add_columns(table, names, [tuple(c[n] for n in names) for c in cells], left=_LEFT)
     return table
@@ -139,8 +144,9 @@ def estimate_blocks(estimates: list[Estimate]) -> list:
         out.append(f"[bold]{c['method']}[/bold]: {c['verdict']}")
         out.append(indented(f"peak {c['peak GiB']} GiB at {c['phase']}, headroom {c['headroom']} GiB, "
                             f"max batch {c['max batch']}, max seq {c['max seq']}"))
-        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in columns)
-        out.append(indented(", ".join(parts) + " (GiB)"))
+        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in COLUMNS)
+        host = f", host memory {c['host GiB']}" if e.host_bytes else ""
+        out.append(indented(", ".join(parts) + host + " (GiB)"))
     return out
 
 
@@ -160,7 +166,22 @@ def title_of(est: Estimate) -> str:
         layout = f" · {cfg.num_gpus} GPUs, {cfg.sharding.resolved(cfg.num_gpus).value}"
         layout += f", offload {cfg.offload.value}" if cfg.offload.value != "none" else ""
     return (f"{est.model} · {est.scheme.value} · {est.dtype.value} · batch {est.batch} x seq {est.seq} · "
-            f"{est.attention.value} · {est.tier.value}{layout}{gpu}")
+            f"{est.attention.value}{savers_label(est)} · {est.tier.value}{layout}{gpu}")
+
+
+def savers_label(est: Estimate) -> str:
+    """` · optim 8bit · activation offload · grad accum 4 (effective batch 8)`: the savers that are on."""
+    cfg = est.config
+    if cfg is None:
+        return ""
+    from memplan.savers import effective_batch
+
+    parts = [f"optim {cfg.optim.value}"] if cfg.optim.value != "foreach" else []
+    parts += [label for label, on in (("activation offload", cfg.activation_offload),
+                                      ("optimizer in backward", cfg.optimizer_in_backward)) if on]
+    if cfg.grad_accum > 1:
+        parts.append(f"grad accum {cfg.grad_accum} (effective batch {effective_batch(cfg)})")
+    return "".join(f" · {p}" for p in parts)
 
 
 def caption_of(estimates: list[Estimate]) -> str:
@@ -192,9 +213,6 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
     )
     for source in sorted({e.correction for e in estimates if e.correction}):
         err.print(f"overheads corrected by calibration: {source}", markup=False)
-    for e in estimates:
-        if e.host_bytes:
-            err.print(f"{e.method.value}: host memory needed {fmt_gib(e.host_bytes)} GiB per machine", markup=False)
     for line in notes:
         err.print(line)
     for w in sorted({w for e in estimates for w in e.warnings}):

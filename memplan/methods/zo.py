@@ -244,13 +244,13 @@ def run_cons(step, batch):
 def _sgd(params, cfg: Config, lr: float):
     import torch
 
-    return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=cfg.foreach)
+    return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=cfg.optim.value == "foreach")
 
 
 def _sgd_momentum(params, cfg: Config, lr: float):
     import torch
 
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum or ZO_MOMENTUM, foreach=cfg.foreach)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum or ZO_MOMENTUM, foreach=cfg.optim.value == "foreach")
 
 
 def _adam(params, cfg: Config, lr: float):
