@@ -27,12 +27,7 @@ def test_hand_families_agree_with_the_tables(mt):
         table = {e.name: e.shape for e in tables.tensors(cfg) if not e.buffer}
         assert {t.name: t.shape for t in spec.tensors} == table
         table_buffers = {e.name: e.shape for e in tables.tensors(cfg) if e.buffer}
-        hand_buffers = {t.name: t.shape for t in spec.buffers}
-        if mt == "roberta":
-            # Known gap of the hand family: RoBERTa's int64 position_ids / token_type_ids buffers (1 x positions,
-            # 8 KiB for roberta-base) are not listed; the generic families list them.
-            table_buffers = {k: v for k, v in table_buffers.items() if not k.endswith(("position_ids", "type_ids"))}
-        assert hand_buffers == table_buffers
+        assert {t.name: t.shape for t in spec.buffers} == table_buffers
 
 
 def test_every_table_type_is_a_family():
