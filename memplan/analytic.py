@@ -182,6 +182,9 @@ def trainable_tensors(spec: ModelSpec, scheme: Scheme, *args) -> list[tuple[int,
         rank, targets = args
         out = []
         every_linear = tuple(targets) == (ALL_LINEAR,)
+        if ALL_LINEAR in targets and not every_linear:
+            raise MemplanError(f"--lora-targets: {ALL_LINEAR} stands alone (it already names every linear layer); "
+                               f"got {', '.join(targets)}")
         if every_linear and any(len(t.shape) == 3 for t in spec.tensors):
             raise MemplanError(f"--lora-targets all-linear on {spec.name}: peft also adapts its stacked expert "
                                "tensors and router there, which the analytic tier does not model yet; name the "

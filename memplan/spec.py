@@ -20,7 +20,14 @@ from memplan.arch._common import Tensor
 from memplan.errors import MemplanError, unknown
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
-SUPPORTED_TYPES = archs.supported_types()
+
+
+def __getattr__(name: str):
+    # SUPPORTED_TYPES lists the table types too: computed on first use, so `fit` on a hand-written
+    # family never reads the tables directory
+    if name == "SUPPORTED_TYPES":
+        return archs.supported_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

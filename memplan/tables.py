@@ -15,7 +15,6 @@ A config no variant or guard covers is refused with the reason; it never gets a 
 
 from __future__ import annotations
 
-import ast
 import json
 import operator
 from dataclasses import dataclass
@@ -76,14 +75,16 @@ _FUNCS = {
     "FloorToInt": lambda x: int(x // 1), "floor": lambda x: int(x // 1), "ceiling": lambda x: -int(-x // 1),
     "Abs": abs, "And": lambda *a: all(a), "Or": lambda *a: any(a), "Not": operator.not_,
 }
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-           ast.Mod: operator.mod, ast.Div: operator.truediv, ast.Pow: operator.pow}
-_CMPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-         ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+_BINOPS = {"Add": operator.add, "Sub": operator.sub, "Mult": operator.mul, "FloorDiv": operator.floordiv,
+           "Mod": operator.mod, "Div": operator.truediv, "Pow": operator.pow}
+_CMPS = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
+         "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
 
 
 @lru_cache(maxsize=4096)
-def _parse(expr: str) -> ast.expr:
+def _parse(expr: str):
+    import ast  # here, not at import: `fit` on a hand-written family evaluates no table
+
     return ast.parse(expr, mode="eval").body
 
 
@@ -97,6 +98,8 @@ def evaluate(expr: str, names: dict):
 
 
 def _ev(node, names):
+    import ast
+
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
         return node.value
     if isinstance(node, ast.Name):
@@ -106,8 +109,8 @@ def _ev(node, names):
         if value is None:
             raise _Unknown(node.id)
         return value
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_ev(node.left, names), _ev(node.right, names))
+    if isinstance(node, ast.BinOp) and type(node.op).__name__ in _BINOPS:
+        return _BINOPS[type(node.op).__name__](_ev(node.left, names), _ev(node.right, names))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
         v = _ev(node.operand, names)
         return -v if isinstance(node.op, ast.USub) else not v
@@ -115,7 +118,7 @@ def _ev(node, names):
         left = _ev(node.left, names)
         for op, right_node in zip(node.ops, node.comparators):
             right = _ev(right_node, names)
-            if not _CMPS[type(op)](left, right):
+            if type(op).__name__ not in _CMPS or not _CMPS[type(op).__name__](left, right):
                 return False
             left = right
         return True

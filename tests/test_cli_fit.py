@@ -72,7 +72,7 @@ def test_bad_input_one_line_exit_2(run_cli, args, message):
 @pytest.mark.parametrize("content,message", [
     ("{not json", "not valid JSON (line 1, column 2"),
     ('{"model_type": "opt", "vocab_size": 10}', "lacks 'hidden_size'"),
-    ('{"model_type": "bert"}', "model_type 'bert' is not supported; supported: gpt2, llama"),
+    ('{"model_type": "mamba"}', "model_type 'mamba' is not supported; supported: bert, bloom"),
     ('{"model_type": "opt", "vocab_size": 10, "hidden_size": -1}', "'hidden_size' must be a positive integer"),
 ])
 def test_malformed_config_json(run_cli, tmp_path, content, message):

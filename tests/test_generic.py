@@ -27,12 +27,7 @@ def test_hand_families_agree_with_the_tables(mt):
         table = {e.name: e.shape for e in tables.tensors(cfg) if not e.buffer}
         assert {t.name: t.shape for t in spec.tensors} == table
         table_buffers = {e.name: e.shape for e in tables.tensors(cfg) if e.buffer}
-        hand_buffers = {t.name: t.shape for t in spec.buffers}
-        if mt == "roberta":
-            # Known gap of the hand family: RoBERTa's int64 position_ids / token_type_ids buffers (1 x positions,
-            # 8 KiB for roberta-base) are not listed; the generic families list them.
-            table_buffers = {k: v for k, v in table_buffers.items() if not k.endswith(("position_ids", "type_ids"))}
-        assert hand_buffers == table_buffers
+        assert {t.name: t.shape for t in spec.buffers} == table_buffers
 
 
 def test_every_table_type_is_a_family():
@@ -116,3 +111,21 @@ def test_all_linear_on_moe_says_it_is_not_modelled():
     cfg = Config(model="x", scheme="lora", lora_targets=("all-linear",))
     with pytest.raises(MemplanError, match="all-linear on tiny-moe: peft also adapts its stacked expert"):
         analytic.trainable(cfg, spec)
+
+
+def test_all_linear_stands_alone():
+    spec = spec_from_config(SMALL["llama"], "tiny")
+    cfg = Config(model="x", scheme="lora", lora_targets=("all-linear", "q_proj"))
+    with pytest.raises(MemplanError, match="all-linear stands alone"):
+        analytic.trainable(cfg, spec)
+
+
+def test_moe_largest_tensor_is_a_stacked_expert_tensor():
+    # Mixtral-8x7B: experts.gate_up_proj is (8, 2 * 14336, 4096); in bf16 8 * 28672 * 4096 * 2 B = 1.75 GiB,
+    # the tensor MeZO's out-of-place perturbation copies (not one expert's 0.22 GiB matrix).
+    from memplan.spec import resolve
+
+    spec = resolve("mixtral-8x7b")
+    cfg = Config(model="mixtral-8x7b", dtype="bf16")
+    assert analytic.trainable(cfg, spec).largest_bytes == 8 * 28672 * 4096 * 2 == 1_879_048_192
+    assert spec.num_experts == 8 and spec.experts_per_token == 2 and spec.expert_size == 14336

@@ -133,7 +133,7 @@ class _SymMath:
 
 
 def _unpin(model_class) -> None:
-    """Let the modelling code of `model_class` (and the rotary helpers) compute on symbolic sizes."""
+    """Let the modelling code of `model_class` (and the rotary functions) compute on symbolic sizes."""
     import transformers.modeling_rope_utils as rope
 
     for mod in (sys.modules[model_class.__module__], rope):
@@ -147,7 +147,7 @@ def partial_rotary(cfg) -> float | None:
     rp = getattr(cfg, "rope_parameters", None) or {}
     v = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) if isinstance(rp, dict) \
         else getattr(cfg, "partial_rotary_factor", None)
-    # 1.0 too: rotary helpers multiply by the fraction they default to 1.0 (Phi-4-mini sets 0.75)
+    # 1.0 too: rotary functions multiply by the fraction they default to 1.0 (Phi-4-mini sets 0.75)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 1.0
 
 

@@ -54,6 +54,12 @@ def tensors(s) -> list[Tensor]:
     return ts
 
 
+def buffers(s) -> list[Tensor]:
+    """The embeddings' int64 position and token-type ids, one per position (1 x max_positions each)."""
+    return [Tensor(f"roberta.embeddings.{n}", (1, s.max_positions), "embeddings", None, "buffers", itemsize=8)
+            for n in ("position_ids", "token_type_ids")]
+
+
 def saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
     spec, cb, trains = ctx.spec, ctx.cb, ctx.trains
     h, f = spec.hidden_size, spec.intermediate_size
@@ -68,7 +74,8 @@ def saved(kind: LayerKind, ctx: Ctx) -> tuple[int, int]:
 
 
 ROBERTA = register(Arch(
-    model_types=("roberta",), read=read, tensors=tensors, saved=saved, loss=masked_loss, objective="masked",
+    model_types=("roberta",), read=read, tensors=tensors, buffers=buffers, saved=saved, loss=masked_loss,
+    objective="masked",
     lora_targets=("query", "value"), token_embedding="word_embeddings",
     uncast=("position_embeddings", "token_type_embeddings"), versions={HfVersion.V4_28: V4_28},
 ))
