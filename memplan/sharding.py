@@ -87,7 +87,7 @@ def is_plain(cfg: Config) -> bool:
 
 def refusal(cfg: Config) -> str | None:
     """Why a layout cannot be estimated (a combination no library runs), or None."""
-    m, zo = mode(cfg), cfg.method.is_zo
+    m, zo = mode(cfg), not cfg.method.is_fo  # ZO and forward-gradient: forward-only, no gradients to reduce
     if cfg.nodes > cfg.num_gpus:
         return f"--nodes {cfg.nodes} is more than --num-gpus {cfg.num_gpus}: every machine runs at least one rank"
     if cfg.num_gpus % cfg.nodes:
@@ -98,8 +98,10 @@ def refusal(cfg: Config) -> str | None:
     if cfg.offload is Offload.NONE:
         return None
     if zo:
-        if cfg.offload is Offload.OPTIMIZER and cfg.method.value == "zo-sgd" and cfg.zo_queries == 1:
-            return "--offload optimizer: zo-sgd keeps no optimizer state to offload"
+        from memplan import methods
+
+        if cfg.offload is Offload.OPTIMIZER and methods.get(cfg.method).state_copies(cfg) == 0:
+            return f"--offload optimizer: {cfg.method.value} keeps no optimizer state to offload"
         if m in (Sharding.ZERO1, Sharding.ZERO2) and cfg.offload is Offload.PARAMS:
             return "--offload params needs zero3 or fsdp (ZeRO offloads parameters only in stage 3), or none / ddp (ZO2)"
         return None
@@ -437,7 +439,7 @@ def _zero(p: Inputs, stage: int) -> Rank:
     total = spec.param_count + (p.train.params if cfg.scheme is not Scheme.FT else 0)
     trainable = p.train.params
     copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
-    if cfg.method.is_zo:
+    if not cfg.method.is_fo:
         return _zero_zo(p, stage, copies)
     ll = largest_module_params(spec)
     ms = zero_model_states(stage, total, ll, n, cfg.nodes, cfg.offload, param_bytes=pb, state_copies=copies,
@@ -469,7 +471,7 @@ def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:
 
 
 def _zero_zo(p: Inputs, stage: int, copies: int) -> Rank:
-    """A ZO method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
+    """A ZO (or forward-gradient) method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
     partitioned, stage 3 partitions the weights and gathers the layer in flight (forward only)."""
     cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
     pb = cfg.dtype.weight_bytes

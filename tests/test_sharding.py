@@ -308,3 +308,15 @@ def test_gpu_sweep_has_a_line_per_sharding_mode():
     assert c.peak_bytes["zero2"][2] == one.peak_device_bytes
     zo = charts.sweep("opt-125m", ["zo-sgd"], "h100", over="num-gpus", values=[2], sharding="fsdp")
     assert list(zo.peak_bytes) == ["fsdp"]
+
+
+def test_trace_refuses_layouts_for_now(run_cli):
+    code, _, err = run_cli("trace", "opt-125m", "-m", "zo-sgd", "--num-gpus", "2", "--sharding", "fsdp")
+    assert code == 2 and "estimated by `memplan fit`" in err
+
+
+def test_api_takes_layouts():
+    from memplan import estimate
+
+    est = estimate("llama-3.1-8b", "fo-adam", dtype="bf16", num_gpus=4, sharding="zero2", gpu="h100", search=False)
+    assert est.config.num_gpus == 4 and est.components[C.COMMUNICATION] == round_block(REDUCE_BUCKET_SIZE * 2)
