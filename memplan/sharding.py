@@ -136,37 +136,30 @@ def dim0_padded(shape: tuple[int, ...], n: int) -> int:
     return n * dim0_shard(shape, n)
 
 
-@dataclass(frozen=True, slots=True)
-class Groups:
-    """A model's parameters as FSDP2 wraps them: the root's and each decoder block's (shape, bytes)."""
-
-    root: tuple[tuple[tuple[int, ...], int], ...]
-    blocks: tuple[tuple[tuple[tuple[int, ...], int], ...], ...]
+Shapes = tuple[tuple[tuple[int, ...], int, "int | None"], ...]  # (shape, bytes per element, layer or None)
 
 
-def _layer_of(name: str, spec: ModelSpec) -> int | None:
-    for t in spec.tensors:
-        if name.startswith(t.name):
-            return t.layer
-    return None
-
-
-def frozen_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+def frozen_shapes(cfg: Config, spec: ModelSpec) -> Shapes:
     """(shape, bytes per element, layer) of every parameter that does not train (empty for ft)."""
     if cfg.scheme is Scheme.FT:
         return ()
     return tuple((t.shape, cfg.dtype.weight_bytes, t.layer) for t in spec.tensors)
 
 
-def trainable_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+def trainable_shapes(cfg: Config, spec: ModelSpec) -> Shapes:
     """(shape, bytes per element, layer) of every trainable tensor; prefix / prompt belong to the root."""
-    from memplan.methods.zo import shapes_key, trainable_shapes as shapes
+    from memplan.methods.zo import shapes_key
 
-    out = []
-    for name, shape, eb in shapes(spec, *shapes_key(cfg, spec)):
-        layer = _layer_of(name, spec) if cfg.scheme in (Scheme.FT, Scheme.LORA) else None
-        out.append((shape, eb, layer))
-    return tuple(out)
+    return _trainable_shapes(spec, *shapes_key(cfg, spec))
+
+
+@per_spec
+def _trainable_shapes(spec: ModelSpec, scheme: Scheme, *args) -> Shapes:
+    from memplan.methods.zo import trainable_shapes as shapes
+
+    layer_of = {t.name: t.layer for t in spec.tensors}  # a LoRA factor is named after its weight
+    return tuple((shape, eb, layer_of.get(name.rsplit(".lora_", 1)[0])) for name, shape, eb in
+                 shapes(spec, scheme, *args))
 
 
 def fsdp_bytes(tensors, n: int, *, padded: bool = False, eb: int | None = None) -> int:
@@ -349,23 +342,30 @@ def _replicated(p: Inputs, *, ddp: bool) -> Rank:
     base = dict(p.base)
     comm = 0
     if ddp:
-        comm = ddp_bucket_bytes([_numel(s) * eb for s, eb, _ in trainable_shapes(cfg, spec)])
+        from memplan.methods.zo import shapes_key
+
+        comm = _ddp_buckets(spec, shapes_key(cfg, spec))
     host = 0
     extra: dict = {None: comm}
     if cfg.offload is Offload.OPTIMIZER:  # ZO only (refusal): the method's state on the host
         host = base[C.OPTIMIZER_STATE] * _per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
     elif cfg.offload is Offload.PARAMS:  # ZO2: blocks on the host, two on the GPU at a time
-        blocks = _block_bytes(p, n=1, padded=False)
-        on_host = sum(blocks)
+        whole = fsdp_sizes(cfg.replace(num_gpus=1, nodes=1), spec, mixed=False)  # one "rank": tensors whole
+        on_host = whole.shards - whole.root
         host = (on_host + base[C.OPTIMIZER_STATE]) * _per_node(cfg)
         base[C.WEIGHTS] -= on_host
         base[C.OPTIMIZER_STATE] = 0
-        streamed = _two_largest(blocks)
+        streamed = whole.two_blocks
         extra = {None: comm, Phase.FORWARD: comm + streamed, Phase.PERTURB: comm + streamed,
                  Phase.OPTIMIZER_STEP: comm + streamed}
     return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=p.train.largest_bytes, extra=extra,
                 host_bytes=host)
+
+
+@per_spec
+def _ddp_buckets(spec: ModelSpec, key: tuple) -> int:
+    return ddp_bucket_bytes([_numel(s) * eb for s, eb, _ in _trainable_shapes(spec, *key)])
 
 
 def _numel(shape) -> int:
@@ -381,54 +381,76 @@ def _two_largest(sizes: list[int]) -> int:
     return sum(top)
 
 
-def _block_bytes(p: Inputs, *, n: int, padded: bool, grads: bool = False, eb: int | None = None) -> list[int]:
-    """Per decoder block: bytes of its parameters (frozen and trainable) as a rank holds them:
-    its shard (padded=False) or gathered (padded=True); grads: its trainable parameters' gradients only."""
-    cfg, spec = p.cfg, p.spec
-    tensors = list(trainable_shapes(cfg, spec)) + ([] if grads else list(frozen_shapes(cfg, spec)))
-    _, blocks = by_layer(tensors)
-    return [fsdp_bytes(ts, n, padded=padded, eb=eb) for _, ts in sorted(blocks.items())]
+@dataclass(frozen=True, slots=True)
+class FsdpSizes:
+    """Bytes of one rank under FSDP2 that depend only on the model, what trains and N (cached)."""
+
+    shards: int  # every parameter's shard
+    trainable_shards: int  # the trainable ones' (their gradients and state have this size)
+    largest_shard: int
+    root: int  # the root's parameters, gathered
+    root_trainable: int  # its trainable ones, gathered (their unsharded gradients)
+    two_blocks: int  # the two largest decoder blocks, gathered
+    block_trainable: int  # the largest block's trainable parameters, gathered (unsharded gradients)
+    block_trainable_full: int  # the same in the parameters' own dtype (the reduce-scatter input)
+
+
+def fsdp_sizes(cfg: Config, spec: ModelSpec, *, mixed: bool = True) -> FsdpSizes:
+    """`FsdpSizes` of `cfg` (mixed: amp-* gathers in 16-bit, FSDP2's MixedPrecisionPolicy)."""
+    from memplan.methods.zo import shapes_key
+
+    # Mixed precision (amp-*): parameters are gathered, and gradients made, in the 16-bit param_dtype.
+    mp = compute_dtype(cfg).weight_bytes if cfg.dtype.is_amp and mixed else None
+    frozen_wb = cfg.dtype.weight_bytes if cfg.scheme is not Scheme.FT else None
+    return _fsdp_sizes(spec, shapes_key(cfg, spec), frozen_wb, cfg.num_gpus, mp)
+
+
+@per_spec
+def _fsdp_sizes(spec: ModelSpec, key: tuple, frozen_wb: int | None, n: int, mp: int | None) -> FsdpSizes:
+    train = _trainable_shapes(spec, *key)
+    frozen = () if frozen_wb is None else tuple((t.shape, frozen_wb, t.layer) for t in spec.tensors)
+    root_t, blocks_t = by_layer(train)
+    root_f, blocks_f = by_layer(frozen)
+    layers = sorted(set(blocks_t) | set(blocks_f))
+    gathered = [fsdp_bytes(blocks_t.get(i, []) + blocks_f.get(i, []), n, padded=True, eb=mp) for i in layers]
+    return FsdpSizes(
+        shards=fsdp_bytes(train, n) + fsdp_bytes(frozen, n), trainable_shards=fsdp_bytes(train, n),
+        largest_shard=max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train),
+        root=fsdp_bytes(root_t + root_f, n, padded=True, eb=mp),
+        root_trainable=fsdp_bytes(root_t, n, padded=True, eb=mp), two_blocks=_two_largest(gathered),
+        block_trainable=max((fsdp_bytes(blocks_t[i], n, padded=True, eb=mp) for i in blocks_t), default=0),
+        block_trainable_full=max((fsdp_bytes(blocks_t[i], n, padded=True) for i in blocks_t), default=0),
+    )
 
 
 def _fsdp(p: Inputs) -> Rank:
     """FSDP2 FULL_SHARD over N ranks (see the module doc)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    train = trainable_shapes(cfg, spec)
-    frozen = frozen_shapes(cfg, spec)
+    cfg, spec = p.cfg, p.spec
+    z = fsdp_sizes(cfg, spec)
+    fo = cfg.method.is_fo
     buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
-    shard_w = fsdp_bytes(train, n) + fsdp_bytes(frozen, n)
-    grads = fsdp_bytes(train, n)
-    largest = max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train)
+    grads = z.trainable_shards
     copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
     state = copies * grads
-    # Mixed precision (amp-*): parameters are gathered, and gradients made, in the 16-bit param_dtype.
-    mp = compute_dtype(cfg).weight_bytes if cfg.dtype.is_amp else None
-    root_t, _ = by_layer(train)
-    root_f, _ = by_layer(frozen)
-    root_params = fsdp_bytes(root_t, n, padded=True, eb=mp) + fsdp_bytes(root_f, n, padded=True, eb=mp)
-    root_grads = fsdp_bytes(root_t, n, padded=True, eb=mp) if cfg.method.is_fo else 0
-    blocks = _block_bytes(p, n=n, padded=True, eb=mp)
-    gathered = root_params + _two_largest(blocks)
-    base = {C.WEIGHTS: shard_w + buffers, C.OPTIMIZER_STATE: state}
+    gathered = z.root + z.two_blocks  # the root stays gathered; the block computing and the prefetched one
+    base = {C.WEIGHTS: z.shards + buffers, C.OPTIMIZER_STATE: state}
     host = 0
     if cfg.offload is Offload.PARAMS:
         # CPUOffloadPolicy: shards, their gradients and the optimizer step on the host; a block's
         # shard is copied to the GPU for its all-gather.
-        host = (shard_w + (grads if cfg.method.is_fo else 0) + state) * _per_node(cfg)
+        host = (z.shards + (grads if fo else 0) + state) * _per_node(cfg)
         base = {C.WEIGHTS: buffers, C.OPTIMIZER_STATE: 0}
-        grads = 0 if cfg.method.is_fo else grads
-    extra: dict = {None: 0, Phase.FORWARD: gathered}
-    if cfg.method.is_fo:
-        # Backward: the root's gradients wait for its reduce-scatter at the end; each block's unsharded
-        # gradients and the reduce-scatter input copy of them, for the block in use.
-        # (16-bit ones, then their fp32 cast for the reduce-scatter under mixed precision).
-        block_grads = max(_block_bytes(p, n=n, padded=True, grads=True, eb=mp), default=0)
-        rs_input = max(_block_bytes(p, n=n, padded=True, grads=True), default=0)
-        extra[Phase.BACKWARD] = gathered + root_grads + block_grads + rs_input
-    elif cfg.offload is Offload.OPTIMIZER:
+        grads = 0 if fo else grads
+    elif cfg.offload is Offload.OPTIMIZER:  # forward-only methods (refusal): their state on the host
         host = state * _per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
-    return Rank(base=base, grad_bytes=grads, largest_bytes=largest, extra=extra, host_bytes=host)
+    extra: dict = {None: 0, Phase.FORWARD: gathered}
+    if fo:
+        # Backward: the root's unsharded gradients wait for its reduce-scatter at the end; the block in
+        # use has its unsharded gradients and the reduce-scatter input made from them (16-bit ones,
+        # then their fp32 cast under mixed precision).
+        extra[Phase.BACKWARD] = gathered + z.root_trainable + z.block_trainable + z.block_trainable_full
+    return Rank(base=base, grad_bytes=grads, largest_bytes=z.largest_shard, extra=extra, host_bytes=host)
 
 
 def _zero(p: Inputs, stage: int) -> Rank:
