@@ -13,7 +13,7 @@ The layouts, as their libraries run by default:
 - ddp: torch DistributedDataParallel. Model state replicated; the reducer keeps flat gradient
   buckets (`bucket_cap_mb=25`, the first bucket 1 MiB, `gradient_as_bucket_view=False`), allocated
   when the model is wrapped: about one more copy of the trainable gradients, in every phase.
-- zero1 / zero2 / zero3: DeepSpeed ZeRO with its own fp32 master partition (it clones the
+- zero1 / zero2 / zero3 (`memplan.zero`): DeepSpeed ZeRO with its own fp32 master partition (it clones the
   parameters' partition to fp32 whatever their dtype) and the optimizer state on that master.
   `bf16`, `fp16` and `amp-*` all run as DeepSpeed's `bf16` / `fp16` mode: 16-bit parameters and
   compute (activations as under `--dtype bf16`), fp32 master, gradient partition and state; `fp32`
@@ -64,14 +64,6 @@ MIB = 1 << 20
 # torch.nn.parallel.DistributedDataParallel defaults (bucket_cap_mb, _DEFAULT_FIRST_BUCKET_BYTES).
 DDP_BUCKET_CAP_BYTES = 25 * MIB
 DDP_FIRST_BUCKET_BYTES = 1 * MIB
-
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py, DeepSpeed 0.19), by config key.
-REDUCE_BUCKET_SIZE = 500_000_000  # "reduce_bucket_size", elements
-STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000  # "stage3_prefetch_bucket_size", elements
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # "stage3_max_live_parameters", elements
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000  # "stage3_param_persistence_threshold": smaller ones stay whole
-MASTER_BYTES = 4  # DeepSpeed's fp32 master partition; its optimizer state is fp32 on that master
-FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition the optimizer steps on
 
 ZERO = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
 
@@ -176,85 +168,6 @@ def by_layer(tensors) -> tuple[list, dict[int, list]]:
     return root, blocks
 
 
-def largest_module_params(spec: ModelSpec) -> int:
-    """Largest sum of one module's own parameters (DeepSpeed's `largest_layer_params`)."""
-    return _largest_module(spec)
-
-
-@per_spec
-def _largest_module(spec: ModelSpec) -> int:
-    sums: dict[tuple, int] = {}
-    for t in spec.tensors:
-        key = (t.layer, t.name.rsplit(".", 1)[0])
-        sums[key] = sums.get(key, 0) + t.numel
-    return max(sums.values())
-
-
-# ---- DeepSpeed's model-state terms --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ZeroStates:
-    """Model-state bytes of one rank under ZeRO, by term, and the host bytes of one machine.
-
-    `gathered` is stage 3's in-flight layer: its 16-bit parameters and gradients (DeepSpeed's
-    `largest_layer_memory`)."""
-
-    params: int
-    gradients: int
-    master: int
-    optimizer_state: int
-    gathered: int
-    host_bytes: int
-
-    @property
-    def gpu_bytes(self) -> int:
-        return self.params + self.gradients + self.master + self.optimizer_state + self.gathered
-
-
-def zero_model_states(stage: int, total_params: int, largest_layer_params: int, num_gpus: int, nodes: int = 1,
-                      offload: Offload = Offload.NONE, *, param_bytes: int = 2, state_copies: int = 2,
-                      trainable_params: int | None = None) -> ZeroStates:
-    """ZeRO-`stage` model states per rank, as DeepSpeed's estimators count them (Adam: c = 2).
-
-    Per trainable parameter, with a partition of ceil(P / N) elements (DeepSpeed pads partitions):
-    stage 1: pb + gb (whole) + (4 fp32 grads + 4 master + 4c state) / N;
-    stage 2: pb + (gb + 4 + 4 + 4c) / N       (16-bit: 2 + 18 / N, `estimate_zero2`);
-    stage 3: (pb + 4 + 4 + 4c) / N + (pb + gb) * largest layer  (16-bit: 18 / N + 4 LL, `estimate_zero3`).
-    Offload optimizer: the fp32 gradients, master and state go to the host (and stage 2's 16-bit
-    gradient partition, which is copied out as it is reduced); offload params (stage 3): the 16-bit
-    partition too. Host: what the machine's N / nodes ranks put there (DeepSpeed's `zero_init`
-    figure before its 1.5 buffer factor).
-    """
-    p_t = total_params if trainable_params is None else trainable_params
-    part = ceil_div(p_t, num_gpus)
-    frozen = total_params - p_t
-    pb = gb = param_bytes
-    fp32 = (FP32_GRAD_BYTES + MASTER_BYTES + 4 * state_copies) * part
-    if stage == 1:
-        params, grads16 = pb * total_params, gb * p_t
-    elif stage == 2:
-        params, grads16 = pb * total_params, gb * part
-    else:
-        params, grads16 = pb * ceil_div(frozen, num_gpus) + pb * part, 0
-    gathered = (pb + gb) * largest_layer_params if stage == 3 else 0
-    host = 0
-    if offload is not Offload.NONE:
-        host += fp32
-        if stage == 2:
-            host += grads16
-            grads16 = 0
-        if offload is Offload.PARAMS:
-            host += params
-            params = 0
-    host *= num_gpus // nodes
-    grads32 = FP32_GRAD_BYTES * part if offload is Offload.NONE else 0
-    master = MASTER_BYTES * part if offload is Offload.NONE else 0
-    state = 4 * state_copies * part if offload is Offload.NONE else 0
-    return ZeroStates(params=params, gradients=grads16 + grads32, master=master, optimizer_state=state,
-                      gathered=gathered, host_bytes=host)
-
-
 # ---- per-rank phases ----------------------------------------------------------------------------
 
 Moment = dict[Category, int]
@@ -316,11 +229,14 @@ def rank(p: Inputs) -> Rank:
     if m is Sharding.FSDP:
         return _fsdp(p)
     if m in ZERO:
-        return _zero(p, ZERO.index(m) + 1)
+        from memplan.zero import rank as zero_rank
+
+        return zero_rank(p, ZERO.index(m) + 1)
     return _replicated(p, ddp=m is Sharding.DDP)
 
 
-def _per_node(cfg: Config) -> int:
+def per_node(cfg: Config) -> int:
+    """Ranks on one machine: host memory is the sum over them."""
     return cfg.num_gpus // cfg.nodes
 
 
@@ -348,12 +264,12 @@ def _replicated(p: Inputs, *, ddp: bool) -> Rank:
     host = 0
     extra: dict = {None: comm}
     if cfg.offload is Offload.OPTIMIZER:  # ZO only (refusal): the method's state on the host
-        host = base[C.OPTIMIZER_STATE] * _per_node(cfg)
+        host = base[C.OPTIMIZER_STATE] * per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
     elif cfg.offload is Offload.PARAMS:  # ZO2: blocks on the host, two on the GPU at a time
         whole = fsdp_sizes(cfg.replace(num_gpus=1, nodes=1), spec, mixed=False)  # one "rank": tensors whole
         on_host = whole.shards - whole.root
-        host = (on_host + base[C.OPTIMIZER_STATE]) * _per_node(cfg)
+        host = (on_host + base[C.OPTIMIZER_STATE]) * per_node(cfg)
         base[C.WEIGHTS] -= on_host
         base[C.OPTIMIZER_STATE] = 0
         streamed = whole.two_blocks
@@ -438,11 +354,11 @@ def _fsdp(p: Inputs) -> Rank:
     if cfg.offload is Offload.PARAMS:
         # CPUOffloadPolicy: shards, their gradients and the optimizer step on the host; a block's
         # shard is copied to the GPU for its all-gather.
-        host = (z.shards + (grads if fo else 0) + state) * _per_node(cfg)
+        host = (z.shards + (grads if fo else 0) + state) * per_node(cfg)
         base = {C.WEIGHTS: buffers, C.OPTIMIZER_STATE: 0}
         grads = 0 if fo else grads
     elif cfg.offload is Offload.OPTIMIZER:  # forward-only methods (refusal): their state on the host
-        host = state * _per_node(cfg)
+        host = state * per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
     extra: dict = {None: 0, Phase.FORWARD: gathered}
     if fo:
@@ -451,68 +367,3 @@ def _fsdp(p: Inputs) -> Rank:
         # then their fp32 cast under mixed precision).
         extra[Phase.BACKWARD] = gathered + z.root_trainable + z.block_trainable + z.block_trainable_full
     return Rank(base=base, grad_bytes=grads, largest_bytes=z.largest_shard, extra=extra, host_bytes=host)
-
-
-def _zero(p: Inputs, stage: int) -> Rank:
-    """DeepSpeed ZeRO-`stage` over N ranks (see `zero_model_states` and the module doc)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    pb = zero_param_bytes(cfg)
-    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
-    total = spec.param_count + (p.train.params if cfg.scheme is not Scheme.FT else 0)
-    trainable = p.train.params
-    copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
-    if not cfg.method.is_fo:
-        return _zero_zo(p, stage, copies)
-    ll = largest_module_params(spec)
-    ms = zero_model_states(stage, total, ll, n, cfg.nodes, cfg.offload, param_bytes=pb, state_copies=copies,
-                           trainable_params=trainable)
-    params = ms.params
-    if stage == 3 and cfg.offload is not Offload.PARAMS:
-        params += _persistent_extra(spec, n, pb)
-    base = {C.WEIGHTS: params + buffers, C.OPTIMIZER_STATE: ms.master + ms.optimizer_state}
-    bucket = round_block(REDUCE_BUCKET_SIZE * pb)
-    extra: dict = {None: bucket}
-    if stage == 3:
-        gather = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
-        extra[Phase.FORWARD] = bucket + gather
-        extra[Phase.BACKWARD] = bucket + gather + round_block(ll * pb)  # the layer's 16-bit gradients
-    part = ceil_div(trainable, n)
-    return Rank(base=base, grad_bytes=ms.gradients, largest_bytes=min(p.train.largest_bytes, part * pb) or 512,
-                extra=extra, host_bytes=ms.host_bytes)
-
-
-def zero_param_bytes(cfg: Config) -> int:
-    """Bytes per parameter DeepSpeed keeps on the GPU: 16-bit in its bf16 / fp16 modes (amp-* included)."""
-    return 4 if cfg.dtype.value == "fp32" else 2
-
-
-def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:
-    """Stage 3 keeps parameters under `stage3_param_persistence_threshold` elements whole on every rank."""
-    small = sum(t.numel for t in spec.tensors if t.numel < STAGE3_PARAM_PERSISTENCE_THRESHOLD)
-    return pb * (small - ceil_div(small, n))
-
-
-def _zero_zo(p: Inputs, stage: int, copies: int) -> Rank:
-    """A ZO (or forward-gradient) method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
-    partitioned, stage 3 partitions the weights and gathers the layer in flight (forward only)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    pb = cfg.dtype.weight_bytes
-    state = copies * ceil_div(p.train.bytes, n)
-    base = {C.WEIGHTS: p.base[C.WEIGHTS], C.OPTIMIZER_STATE: state}
-    extra: dict = {None: 0}
-    host = 0
-    largest = p.train.largest_bytes
-    if stage == 3:
-        weights = ceil_div(p.base[C.WEIGHTS], n) + _persistent_extra(spec, n, pb)
-        base[C.WEIGHTS] = weights
-        ll = largest_module_params(spec)
-        total = spec.param_count
-        extra[Phase.FORWARD] = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
-        largest = round_block(ceil_div(largest, n))
-        if cfg.offload is Offload.PARAMS:
-            host += weights * _per_node(cfg)
-            base[C.WEIGHTS] = 0
-    if cfg.offload is not Offload.NONE:
-        host += state * _per_node(cfg)
-        base[C.OPTIMIZER_STATE] = 0
-    return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=largest, extra=extra, host_bytes=host)

@@ -11,9 +11,10 @@ from memplan.options import Config, Offload, Sharding
 from memplan.overhead import nccl_bytes, round_block
 from memplan.result import Category as C, Phase
 from memplan.sharding import (
-    DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, REDUCE_BUCKET_SIZE, ddp_bucket_bytes, dim0_padded, dim0_shard,
-    fsdp_bytes, largest_module_params, trainable_shapes, zero_model_states,
+    DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, ddp_bucket_bytes, dim0_padded, dim0_shard, fsdp_bytes,
+    trainable_shapes,
 )
+from memplan.zero import REDUCE_BUCKET_SIZE, largest_module_params, zero_model_states
 from memplan.spec import resolve
 
 from tests.tiny import TINY_LLAMA, write
