@@ -58,11 +58,16 @@ class ZeroStates:
     `largest_layer_memory`)."""
 
     params: int
-    gradients: int
+    gradients_16bit: int  # the reduced 16-bit gradients (whole in stage 1, partitioned in stage 2)
+    gradients_fp32: int  # the fp32 gradient partition the optimizer steps on
     master: int
     optimizer_state: int
     gathered: int
     host_bytes: int
+
+    @property
+    def gradients(self) -> int:
+        return self.gradients_16bit + self.gradients_fp32
 
     @property
     def gpu_bytes(self) -> int:
@@ -108,8 +113,8 @@ def zero_model_states(stage: int, total_params: int, largest_layer_params: int, 
     grads32 = FP32_GRAD_BYTES * part if offload is Offload.NONE else 0
     master = MASTER_BYTES * part if offload is Offload.NONE else 0
     state = 4 * state_copies * part if offload is Offload.NONE else 0
-    return ZeroStates(params=params, gradients=grads16 + grads32, master=master, optimizer_state=state,
-                      gathered=gathered, host_bytes=host)
+    return ZeroStates(params=params, gradients_16bit=grads16, gradients_fp32=grads32, master=master,
+                      optimizer_state=state, gathered=gathered, host_bytes=host)
 
 
 def rank(p: Inputs, stage: int) -> Rank:
@@ -128,16 +133,20 @@ def rank(p: Inputs, stage: int) -> Rank:
     params = ms.params
     if stage == 3 and cfg.offload is not Offload.PARAMS:
         params += _persistent_extra(spec, n, pb)
-    base = {C.WEIGHTS: params + buffers, C.OPTIMIZER_STATE: ms.master + ms.optimizer_state}
+    # The 16-bit gradient buffers persist from the first backward on (DeepSpeed's estimate counts them
+    # as model state); the fp32 partition is what the method's phases hold as gradients, so the
+    # optimizer's temporaries scale with it.
+    base = {C.WEIGHTS: params + buffers, C.GRADIENTS: ms.gradients_16bit,
+            C.OPTIMIZER_STATE: ms.master + ms.optimizer_state}
     bucket = round_block(REDUCE_BUCKET_SIZE * pb)
     extra: dict = {None: bucket}
     if stage == 3:
         gather = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
         extra[Phase.FORWARD] = bucket + gather
         extra[Phase.BACKWARD] = bucket + gather + round_block(ll * pb)  # the layer's 16-bit gradients
-    part = ceil_div(trainable, n)
-    return Rank(base=base, grad_bytes=ms.gradients, largest_bytes=min(p.train.largest_bytes, part * pb) or 512,
-                extra=extra, host_bytes=ms.host_bytes)
+    largest = round_block(min(p.train.largest_bytes // cfg.dtype.weight_bytes, ceil_div(trainable, n)) * 4)
+    return Rank(base=base, grad_bytes=ms.gradients_fp32, largest_bytes=largest, extra=extra,
+                host_bytes=ms.host_bytes)
 
 
 def zero_param_bytes(cfg: Config) -> int:
@@ -152,8 +161,9 @@ def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:
 
 
 def _zero_zo(p: Inputs, stage: int, copies: int) -> Rank:
-    """A ZO (or forward-gradient) method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
-    partitioned, stage 3 partitions the weights and gathers the layer in flight (forward only)."""
+    """A ZO (or forward-gradient) method under ZeRO: no gradients and no DeepSpeed optimizer; the
+    method's own state is partitioned, stage 3 partitions the weights and gathers the layer in flight
+    (forward only)."""
     cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
     pb = cfg.dtype.weight_bytes
     state = copies * ceil_div(p.train.bytes, n)
