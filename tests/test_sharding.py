@@ -321,3 +321,16 @@ def test_api_takes_layouts():
 
     est = estimate("llama-3.1-8b", "fo-adam", dtype="bf16", num_gpus=4, sharding="zero2", gpu="h100", search=False)
     assert est.config.num_gpus == 4 and est.components[C.COMMUNICATION] == round_block(REDUCE_BUCKET_SIZE * 2)
+
+
+def test_zo2_keeps_the_root_and_streams_two_blocks_exactly(tmp_path):
+    cfg = Config(model=write(tmp_path, TINY_LLAMA), method="zo-sgd", dtype="fp16", offload="params")
+    spec = resolve(cfg.model)
+    ph = analytic.phases(cfg, spec, FAM)
+    # Root: embedding 256 x 64, final norm 64, lm_head 256 x 64 (untied), fp16, each rounded to 512 B.
+    root = 2 * round_block(256 * 64 * 2) + round_block(64 * 2)
+    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
+    assert ph[Phase.LOAD][C.WEIGHTS] == root + buffers
+    block = sum(round_block(e * 2) for e in (4096, 2048, 2048, 4096, 8192, 8192, 8192, 64, 64))
+    assert ph[Phase.FORWARD][C.COMMUNICATION] == 2 * block  # the block computing and the next uploading
+    assert analytic.host_bytes(cfg, spec) == 2 * block  # both decoder blocks live on the host
