@@ -13,7 +13,7 @@ The layouts, as their libraries run by default:
 - ddp: torch DistributedDataParallel. Model state replicated; the reducer keeps flat gradient
   buckets (`bucket_cap_mb=25`, the first bucket 1 MiB, `gradient_as_bucket_view=False`), allocated
   when the model is wrapped: about one more copy of the trainable gradients, in every phase.
-- zero1 / zero2 / zero3: DeepSpeed ZeRO with its own fp32 master partition (it clones the
+- zero1 / zero2 / zero3 (`memplan.zero`): DeepSpeed ZeRO with its own fp32 master partition (it clones the
   parameters' partition to fp32 whatever their dtype) and the optimizer state on that master.
   `bf16`, `fp16` and `amp-*` all run as DeepSpeed's `bf16` / `fp16` mode: 16-bit parameters and
   compute (activations as under `--dtype bf16`), fp32 master, gradient partition and state; `fp32`
@@ -65,14 +65,6 @@ MIB = 1 << 20
 DDP_BUCKET_CAP_BYTES = 25 * MIB
 DDP_FIRST_BUCKET_BYTES = 1 * MIB
 
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py, DeepSpeed 0.19), by config key.
-REDUCE_BUCKET_SIZE = 500_000_000  # "reduce_bucket_size", elements
-STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000  # "stage3_prefetch_bucket_size", elements
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # "stage3_max_live_parameters", elements
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000  # "stage3_param_persistence_threshold": smaller ones stay whole
-MASTER_BYTES = 4  # DeepSpeed's fp32 master partition; its optimizer state is fp32 on that master
-FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition the optimizer steps on
-
 ZERO = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
 
 
@@ -87,7 +79,7 @@ def is_plain(cfg: Config) -> bool:
 
 def refusal(cfg: Config) -> str | None:
     """Why a layout cannot be estimated (a combination no library runs), or None."""
-    m, zo = mode(cfg), cfg.method.is_zo
+    m, zo = mode(cfg), not cfg.method.is_fo  # ZO and forward-gradient: forward-only, no gradients to reduce
     if cfg.nodes > cfg.num_gpus:
         return f"--nodes {cfg.nodes} is more than --num-gpus {cfg.num_gpus}: every machine runs at least one rank"
     if cfg.num_gpus % cfg.nodes:
@@ -98,8 +90,10 @@ def refusal(cfg: Config) -> str | None:
     if cfg.offload is Offload.NONE:
         return None
     if zo:
-        if cfg.offload is Offload.OPTIMIZER and cfg.method.value == "zo-sgd" and cfg.zo_queries == 1:
-            return "--offload optimizer: zo-sgd keeps no optimizer state to offload"
+        from memplan import methods
+
+        if cfg.offload is Offload.OPTIMIZER and methods.get(cfg.method).state_copies(cfg) == 0:
+            return f"--offload optimizer: {cfg.method.value} keeps no optimizer state to offload"
         if m in (Sharding.ZERO1, Sharding.ZERO2) and cfg.offload is Offload.PARAMS:
             return "--offload params needs zero3 or fsdp (ZeRO offloads parameters only in stage 3), or none / ddp (ZO2)"
         return None
@@ -134,37 +128,30 @@ def dim0_padded(shape: tuple[int, ...], n: int) -> int:
     return n * dim0_shard(shape, n)
 
 
-@dataclass(frozen=True, slots=True)
-class Groups:
-    """A model's parameters as FSDP2 wraps them: the root's and each decoder block's (shape, bytes)."""
-
-    root: tuple[tuple[tuple[int, ...], int], ...]
-    blocks: tuple[tuple[tuple[tuple[int, ...], int], ...], ...]
+Shapes = tuple[tuple[tuple[int, ...], int, "int | None"], ...]  # (shape, bytes per element, layer or None)
 
 
-def _layer_of(name: str, spec: ModelSpec) -> int | None:
-    for t in spec.tensors:
-        if name.startswith(t.name):
-            return t.layer
-    return None
-
-
-def frozen_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+def frozen_shapes(cfg: Config, spec: ModelSpec) -> Shapes:
     """(shape, bytes per element, layer) of every parameter that does not train (empty for ft)."""
     if cfg.scheme is Scheme.FT:
         return ()
     return tuple((t.shape, cfg.dtype.weight_bytes, t.layer) for t in spec.tensors)
 
 
-def trainable_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[tuple[int, ...], int, int | None], ...]:
+def trainable_shapes(cfg: Config, spec: ModelSpec) -> Shapes:
     """(shape, bytes per element, layer) of every trainable tensor; prefix / prompt belong to the root."""
-    from memplan.methods.zo import shapes_key, trainable_shapes as shapes
+    from memplan.methods.zo import shapes_key
 
-    out = []
-    for name, shape, eb in shapes(spec, *shapes_key(cfg, spec)):
-        layer = _layer_of(name, spec) if cfg.scheme in (Scheme.FT, Scheme.LORA) else None
-        out.append((shape, eb, layer))
-    return tuple(out)
+    return _trainable_shapes(spec, *shapes_key(cfg, spec))
+
+
+@per_spec
+def _trainable_shapes(spec: ModelSpec, scheme: Scheme, *args) -> Shapes:
+    from memplan.methods.zo import trainable_shapes as shapes
+
+    layer_of = {t.name: t.layer for t in spec.tensors}  # a LoRA factor is named after its weight
+    return tuple((shape, eb, layer_of.get(name.rsplit(".lora_", 1)[0])) for name, shape, eb in
+                 shapes(spec, scheme, *args))
 
 
 def fsdp_bytes(tensors, n: int, *, padded: bool = False, eb: int | None = None) -> int:
@@ -179,85 +166,6 @@ def by_layer(tensors) -> tuple[list, dict[int, list]]:
     for t in tensors:
         (root if t[2] is None else blocks.setdefault(t[2], [])).append(t)
     return root, blocks
-
-
-def largest_module_params(spec: ModelSpec) -> int:
-    """Largest sum of one module's own parameters (DeepSpeed's `largest_layer_params`)."""
-    return _largest_module(spec)
-
-
-@per_spec
-def _largest_module(spec: ModelSpec) -> int:
-    sums: dict[tuple, int] = {}
-    for t in spec.tensors:
-        key = (t.layer, t.name.rsplit(".", 1)[0])
-        sums[key] = sums.get(key, 0) + t.numel
-    return max(sums.values())
-
-
-# ---- DeepSpeed's model-state terms --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ZeroStates:
-    """Model-state bytes of one rank under ZeRO, by term, and the host bytes of one machine.
-
-    `gathered` is stage 3's in-flight layer: its 16-bit parameters and gradients (DeepSpeed's
-    `largest_layer_memory`)."""
-
-    params: int
-    gradients: int
-    master: int
-    optimizer_state: int
-    gathered: int
-    host_bytes: int
-
-    @property
-    def gpu_bytes(self) -> int:
-        return self.params + self.gradients + self.master + self.optimizer_state + self.gathered
-
-
-def zero_model_states(stage: int, total_params: int, largest_layer_params: int, num_gpus: int, nodes: int = 1,
-                      offload: Offload = Offload.NONE, *, param_bytes: int = 2, state_copies: int = 2,
-                      trainable_params: int | None = None) -> ZeroStates:
-    """ZeRO-`stage` model states per rank, as DeepSpeed's estimators count them (Adam: c = 2).
-
-    Per trainable parameter, with a partition of ceil(P / N) elements (DeepSpeed pads partitions):
-    stage 1: pb + gb (whole) + (4 fp32 grads + 4 master + 4c state) / N;
-    stage 2: pb + (gb + 4 + 4 + 4c) / N       (16-bit: 2 + 18 / N, `estimate_zero2`);
-    stage 3: (pb + 4 + 4 + 4c) / N + (pb + gb) * largest layer  (16-bit: 18 / N + 4 LL, `estimate_zero3`).
-    Offload optimizer: the fp32 gradients, master and state go to the host (and stage 2's 16-bit
-    gradient partition, which is copied out as it is reduced); offload params (stage 3): the 16-bit
-    partition too. Host: what the machine's N / nodes ranks put there (DeepSpeed's `zero_init`
-    figure before its 1.5 buffer factor).
-    """
-    p_t = total_params if trainable_params is None else trainable_params
-    part = ceil_div(p_t, num_gpus)
-    frozen = total_params - p_t
-    pb = gb = param_bytes
-    fp32 = (FP32_GRAD_BYTES + MASTER_BYTES + 4 * state_copies) * part
-    if stage == 1:
-        params, grads16 = pb * total_params, gb * p_t
-    elif stage == 2:
-        params, grads16 = pb * total_params, gb * part
-    else:
-        params, grads16 = pb * ceil_div(frozen, num_gpus) + pb * part, 0
-    gathered = (pb + gb) * largest_layer_params if stage == 3 else 0
-    host = 0
-    if offload is not Offload.NONE:
-        host += fp32
-        if stage == 2:
-            host += grads16
-            grads16 = 0
-        if offload is Offload.PARAMS:
-            host += params
-            params = 0
-    host *= num_gpus // nodes
-    grads32 = FP32_GRAD_BYTES * part if offload is Offload.NONE else 0
-    master = MASTER_BYTES * part if offload is Offload.NONE else 0
-    state = 4 * state_copies * part if offload is Offload.NONE else 0
-    return ZeroStates(params=params, gradients=grads16 + grads32, master=master, optimizer_state=state,
-                      gathered=gathered, host_bytes=host)
 
 
 # ---- per-rank phases ----------------------------------------------------------------------------
@@ -321,11 +229,14 @@ def rank(p: Inputs) -> Rank:
     if m is Sharding.FSDP:
         return _fsdp(p)
     if m in ZERO:
-        return _zero(p, ZERO.index(m) + 1)
+        from memplan.zero import rank as zero_rank
+
+        return zero_rank(p, ZERO.index(m) + 1)
     return _replicated(p, ddp=m is Sharding.DDP)
 
 
-def _per_node(cfg: Config) -> int:
+def per_node(cfg: Config) -> int:
+    """Ranks on one machine: host memory is the sum over them."""
     return cfg.num_gpus // cfg.nodes
 
 
@@ -347,23 +258,30 @@ def _replicated(p: Inputs, *, ddp: bool) -> Rank:
     base = dict(p.base)
     comm = 0
     if ddp:
-        comm = ddp_bucket_bytes([_numel(s) * eb for s, eb, _ in trainable_shapes(cfg, spec)])
+        from memplan.methods.zo import shapes_key
+
+        comm = _ddp_buckets(spec, shapes_key(cfg, spec))
     host = 0
     extra: dict = {None: comm}
     if cfg.offload is Offload.OPTIMIZER:  # ZO only (refusal): the method's state on the host
-        host = base[C.OPTIMIZER_STATE] * _per_node(cfg)
+        host = base[C.OPTIMIZER_STATE] * per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
     elif cfg.offload is Offload.PARAMS:  # ZO2: blocks on the host, two on the GPU at a time
-        blocks = _block_bytes(p, n=1, padded=False)
-        on_host = sum(blocks)
-        host = (on_host + base[C.OPTIMIZER_STATE]) * _per_node(cfg)
+        whole = fsdp_sizes(cfg.replace(num_gpus=1, nodes=1), spec, mixed=False)  # one "rank": tensors whole
+        on_host = whole.shards - whole.root
+        host = (on_host + base[C.OPTIMIZER_STATE]) * per_node(cfg)
         base[C.WEIGHTS] -= on_host
         base[C.OPTIMIZER_STATE] = 0
-        streamed = _two_largest(blocks)
+        streamed = whole.two_blocks
         extra = {None: comm, Phase.FORWARD: comm + streamed, Phase.PERTURB: comm + streamed,
                  Phase.OPTIMIZER_STEP: comm + streamed}
     return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=p.train.largest_bytes, extra=extra,
                 host_bytes=host)
+
+
+@per_spec
+def _ddp_buckets(spec: ModelSpec, key: tuple) -> int:
+    return ddp_bucket_bytes([_numel(s) * eb for s, eb, _ in _trainable_shapes(spec, *key)])
 
 
 def _numel(shape) -> int:
@@ -379,116 +297,73 @@ def _two_largest(sizes: list[int]) -> int:
     return sum(top)
 
 
-def _block_bytes(p: Inputs, *, n: int, padded: bool, grads: bool = False, eb: int | None = None) -> list[int]:
-    """Per decoder block: bytes of its parameters (frozen and trainable) as a rank holds them:
-    its shard (padded=False) or gathered (padded=True); grads: its trainable parameters' gradients only."""
-    cfg, spec = p.cfg, p.spec
-    tensors = list(trainable_shapes(cfg, spec)) + ([] if grads else list(frozen_shapes(cfg, spec)))
-    _, blocks = by_layer(tensors)
-    return [fsdp_bytes(ts, n, padded=padded, eb=eb) for _, ts in sorted(blocks.items())]
+@dataclass(frozen=True, slots=True)
+class FsdpSizes:
+    """Bytes of one rank under FSDP2 that depend only on the model, what trains and N (cached)."""
+
+    shards: int  # every parameter's shard
+    trainable_shards: int  # the trainable ones' (their gradients and state have this size)
+    largest_shard: int
+    root: int  # the root's parameters, gathered
+    root_trainable: int  # its trainable ones, gathered (their unsharded gradients)
+    two_blocks: int  # the two largest decoder blocks, gathered
+    block_trainable: int  # the largest block's trainable parameters, gathered (unsharded gradients)
+    block_trainable_full: int  # the same in the parameters' own dtype (the reduce-scatter input)
+
+
+def fsdp_sizes(cfg: Config, spec: ModelSpec, *, mixed: bool = True) -> FsdpSizes:
+    """`FsdpSizes` of `cfg` (mixed: amp-* gathers in 16-bit, FSDP2's MixedPrecisionPolicy)."""
+    from memplan.methods.zo import shapes_key
+
+    # Mixed precision (amp-*): parameters are gathered, and gradients made, in the 16-bit param_dtype.
+    mp = compute_dtype(cfg).weight_bytes if cfg.dtype.is_amp and mixed else None
+    frozen_wb = cfg.dtype.weight_bytes if cfg.scheme is not Scheme.FT else None
+    return _fsdp_sizes(spec, shapes_key(cfg, spec), frozen_wb, cfg.num_gpus, mp)
+
+
+@per_spec
+def _fsdp_sizes(spec: ModelSpec, key: tuple, frozen_wb: int | None, n: int, mp: int | None) -> FsdpSizes:
+    train = _trainable_shapes(spec, *key)
+    frozen = () if frozen_wb is None else tuple((t.shape, frozen_wb, t.layer) for t in spec.tensors)
+    root_t, blocks_t = by_layer(train)
+    root_f, blocks_f = by_layer(frozen)
+    layers = sorted(set(blocks_t) | set(blocks_f))
+    gathered = [fsdp_bytes(blocks_t.get(i, []) + blocks_f.get(i, []), n, padded=True, eb=mp) for i in layers]
+    return FsdpSizes(
+        shards=fsdp_bytes(train, n) + fsdp_bytes(frozen, n), trainable_shards=fsdp_bytes(train, n),
+        largest_shard=max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train),
+        root=fsdp_bytes(root_t + root_f, n, padded=True, eb=mp),
+        root_trainable=fsdp_bytes(root_t, n, padded=True, eb=mp), two_blocks=_two_largest(gathered),
+        block_trainable=max((fsdp_bytes(blocks_t[i], n, padded=True, eb=mp) for i in blocks_t), default=0),
+        block_trainable_full=max((fsdp_bytes(blocks_t[i], n, padded=True) for i in blocks_t), default=0),
+    )
 
 
 def _fsdp(p: Inputs) -> Rank:
     """FSDP2 FULL_SHARD over N ranks (see the module doc)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    train = trainable_shapes(cfg, spec)
-    frozen = frozen_shapes(cfg, spec)
+    cfg, spec = p.cfg, p.spec
+    z = fsdp_sizes(cfg, spec)
+    fo = cfg.method.is_fo
     buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
-    shard_w = fsdp_bytes(train, n) + fsdp_bytes(frozen, n)
-    grads = fsdp_bytes(train, n)
-    largest = max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train)
+    grads = z.trainable_shards
     copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
     state = copies * grads
-    # Mixed precision (amp-*): parameters are gathered, and gradients made, in the 16-bit param_dtype.
-    mp = compute_dtype(cfg).weight_bytes if cfg.dtype.is_amp else None
-    root_t, _ = by_layer(train)
-    root_f, _ = by_layer(frozen)
-    root_params = fsdp_bytes(root_t, n, padded=True, eb=mp) + fsdp_bytes(root_f, n, padded=True, eb=mp)
-    root_grads = fsdp_bytes(root_t, n, padded=True, eb=mp) if cfg.method.is_fo else 0
-    blocks = _block_bytes(p, n=n, padded=True, eb=mp)
-    gathered = root_params + _two_largest(blocks)
-    base = {C.WEIGHTS: shard_w + buffers, C.OPTIMIZER_STATE: state}
+    gathered = z.root + z.two_blocks  # the root stays gathered; the block computing and the prefetched one
+    base = {C.WEIGHTS: z.shards + buffers, C.OPTIMIZER_STATE: state}
     host = 0
     if cfg.offload is Offload.PARAMS:
         # CPUOffloadPolicy: shards, their gradients and the optimizer step on the host; a block's
         # shard is copied to the GPU for its all-gather.
-        host = (shard_w + (grads if cfg.method.is_fo else 0) + state) * _per_node(cfg)
+        host = (z.shards + (grads if fo else 0) + state) * per_node(cfg)
         base = {C.WEIGHTS: buffers, C.OPTIMIZER_STATE: 0}
-        grads = 0 if cfg.method.is_fo else grads
+        grads = 0 if fo else grads
+    elif cfg.offload is Offload.OPTIMIZER:  # forward-only methods (refusal): their state on the host
+        host = state * per_node(cfg)
+        base[C.OPTIMIZER_STATE] = 0
     extra: dict = {None: 0, Phase.FORWARD: gathered}
-    if cfg.method.is_fo:
-        # Backward: the root's gradients wait for its reduce-scatter at the end; each block's unsharded
-        # gradients and the reduce-scatter input copy of them, for the block in use.
-        # (16-bit ones, then their fp32 cast for the reduce-scatter under mixed precision).
-        block_grads = max(_block_bytes(p, n=n, padded=True, grads=True, eb=mp), default=0)
-        rs_input = max(_block_bytes(p, n=n, padded=True, grads=True), default=0)
-        extra[Phase.BACKWARD] = gathered + root_grads + block_grads + rs_input
-    elif cfg.offload is Offload.OPTIMIZER:
-        host = state * _per_node(cfg)
-        base[C.OPTIMIZER_STATE] = 0
-    return Rank(base=base, grad_bytes=grads, largest_bytes=largest, extra=extra, host_bytes=host)
-
-
-def _zero(p: Inputs, stage: int) -> Rank:
-    """DeepSpeed ZeRO-`stage` over N ranks (see `zero_model_states` and the module doc)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    pb = zero_param_bytes(cfg)
-    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
-    total = spec.param_count + (p.train.params if cfg.scheme is not Scheme.FT else 0)
-    trainable = p.train.params
-    copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
-    if cfg.method.is_zo:
-        return _zero_zo(p, stage, copies)
-    ll = largest_module_params(spec)
-    ms = zero_model_states(stage, total, ll, n, cfg.nodes, cfg.offload, param_bytes=pb, state_copies=copies,
-                           trainable_params=trainable)
-    params = ms.params
-    if stage == 3 and cfg.offload is not Offload.PARAMS:
-        params += _persistent_extra(spec, n, pb)
-    base = {C.WEIGHTS: params + buffers, C.OPTIMIZER_STATE: ms.master + ms.optimizer_state}
-    bucket = round_block(REDUCE_BUCKET_SIZE * pb)
-    extra: dict = {None: bucket}
-    if stage == 3:
-        gather = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
-        extra[Phase.FORWARD] = bucket + gather
-        extra[Phase.BACKWARD] = bucket + gather + round_block(ll * pb)  # the layer's 16-bit gradients
-    part = ceil_div(trainable, n)
-    return Rank(base=base, grad_bytes=ms.gradients, largest_bytes=min(p.train.largest_bytes, part * pb) or 512,
-                extra=extra, host_bytes=ms.host_bytes)
-
-
-def zero_param_bytes(cfg: Config) -> int:
-    """Bytes per parameter DeepSpeed keeps on the GPU: 16-bit in its bf16 / fp16 modes (amp-* included)."""
-    return 4 if cfg.dtype.value == "fp32" else 2
-
-
-def _persistent_extra(spec: ModelSpec, n: int, pb: int) -> int:
-    """Stage 3 keeps parameters under `stage3_param_persistence_threshold` elements whole on every rank."""
-    small = sum(t.numel for t in spec.tensors if t.numel < STAGE3_PARAM_PERSISTENCE_THRESHOLD)
-    return pb * (small - ceil_div(small, n))
-
-
-def _zero_zo(p: Inputs, stage: int, copies: int) -> Rank:
-    """A ZO method under ZeRO: no gradients and no DeepSpeed optimizer; the method's own state is
-    partitioned, stage 3 partitions the weights and gathers the layer in flight (forward only)."""
-    cfg, spec, n = p.cfg, p.spec, p.cfg.num_gpus
-    pb = cfg.dtype.weight_bytes
-    state = copies * ceil_div(p.train.bytes, n)
-    base = {C.WEIGHTS: p.base[C.WEIGHTS], C.OPTIMIZER_STATE: state}
-    extra: dict = {None: 0}
-    host = 0
-    largest = p.train.largest_bytes
-    if stage == 3:
-        weights = ceil_div(p.base[C.WEIGHTS], n) + _persistent_extra(spec, n, pb)
-        base[C.WEIGHTS] = weights
-        ll = largest_module_params(spec)
-        total = spec.param_count
-        extra[Phase.FORWARD] = round_block(min(STAGE3_MAX_LIVE_PARAMETERS, ll + STAGE3_PREFETCH_BUCKET_SIZE, total) * pb)
-        largest = round_block(ceil_div(largest, n))
-        if cfg.offload is Offload.PARAMS:
-            host += weights * _per_node(cfg)
-            base[C.WEIGHTS] = 0
-    if cfg.offload is not Offload.NONE:
-        host += state * _per_node(cfg)
-        base[C.OPTIMIZER_STATE] = 0
-    return Rank(base=base, grad_bytes=p.train.bytes, largest_bytes=largest, extra=extra, host_bytes=host)
+    if fo:
+        # Backward: the root's unsharded gradients wait for its reduce-scatter at the end; the block in
+        # use has its unsharded gradients and the reduce-scatter input made from them (16-bit ones,
+        # then their fp32 cast under mixed precision).
+        extra[Phase.BACKWARD] = gathered + z.root_trainable + z.block_trainable + z.block_trainable_full
+    return Rank(base=base, grad_bytes=grads, largest_bytes=z.largest_shard, extra=extra, host_bytes=host)

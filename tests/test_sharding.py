@@ -11,9 +11,10 @@ from memplan.options import Config, Offload, Sharding
 from memplan.overhead import nccl_bytes, round_block
 from memplan.result import Category as C, Phase
 from memplan.sharding import (
-    DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, REDUCE_BUCKET_SIZE, ddp_bucket_bytes, dim0_padded, dim0_shard,
-    fsdp_bytes, largest_module_params, trainable_shapes, zero_model_states,
+    DDP_BUCKET_CAP_BYTES, DDP_FIRST_BUCKET_BYTES, ddp_bucket_bytes, dim0_padded, dim0_shard, fsdp_bytes,
+    trainable_shapes,
 )
+from memplan.zero import REDUCE_BUCKET_SIZE, largest_module_params, zero_model_states
 from memplan.spec import resolve
 
 from tests.tiny import TINY_LLAMA, write
@@ -308,3 +309,28 @@ def test_gpu_sweep_has_a_line_per_sharding_mode():
     assert c.peak_bytes["zero2"][2] == one.peak_device_bytes
     zo = charts.sweep("opt-125m", ["zo-sgd"], "h100", over="num-gpus", values=[2], sharding="fsdp")
     assert list(zo.peak_bytes) == ["fsdp"]
+
+
+def test_trace_refuses_layouts_for_now(run_cli):
+    code, _, err = run_cli("trace", "opt-125m", "-m", "zo-sgd", "--num-gpus", "2", "--sharding", "fsdp")
+    assert code == 2 and "estimated by `memplan fit`" in err
+
+
+def test_api_takes_layouts():
+    from memplan import estimate
+
+    est = estimate("llama-3.1-8b", "fo-adam", dtype="bf16", num_gpus=4, sharding="zero2", gpu="h100", search=False)
+    assert est.config.num_gpus == 4 and est.components[C.COMMUNICATION] == round_block(REDUCE_BUCKET_SIZE * 2)
+
+
+def test_zo2_keeps_the_root_and_streams_two_blocks_exactly(tmp_path):
+    cfg = Config(model=write(tmp_path, TINY_LLAMA), method="zo-sgd", dtype="fp16", offload="params")
+    spec = resolve(cfg.model)
+    ph = analytic.phases(cfg, spec, FAM)
+    # Root: embedding 256 x 64, final norm 64, lm_head 256 x 64 (untied), fp16, each rounded to 512 B.
+    root = 2 * round_block(256 * 64 * 2) + round_block(64 * 2)
+    buffers = sum(round_block(t.numel * 4) for t in spec.buffers)
+    assert ph[Phase.LOAD][C.WEIGHTS] == root + buffers
+    block = sum(round_block(e * 2) for e in (4096, 2048, 2048, 4096, 8192, 8192, 8192, 64, 64))
+    assert ph[Phase.FORWARD][C.COMMUNICATION] == 2 * block  # the block computing and the next uploading
+    assert analytic.host_bytes(cfg, spec) == 2 * block  # both decoder blocks live on the host
