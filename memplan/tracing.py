@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.result import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Loss, Scheme
+from memplan.options import Attention, Config, Loss, Scheme, Sharding
 
 
 @dataclass
@@ -82,73 +82,92 @@ def trace_step(config: Config, *, real: bool = False,
     """
     import torch
 
-    from memplan._compat import fake_tensor_mode, sdpa_masks_as_for_real_tensors
-    from memplan.steps import Step, build_model, make_batch, trainable
-    from memplan.tracker import LiveBytes
-
-    from memplan import methods
+    from memplan import _compat, distributed, methods
     from memplan.analytic import not_modelled
+    from memplan.steps import Step, build_model, make_batch, trainable
 
-    if not_modelled(config):
-        raise MemplanError(not_modelled(config))
+    sharding = distributed.layout(config)
+    refuse = distributed.trace_refusal(config) or (not_modelled(config) if sharding is Sharding.NONE else None)
+    if refuse:
+        raise MemplanError(refuse)
     spec = methods.get(config.method)
     why = spec.untraceable(config)
     if why and not real:
         raise MemplanError(why)
     cycle = spec.cycle(config)
     measured = min(cycle, MAX_CYCLE_STEPS)
-    if real:
-        torch.manual_seed(seed)
-        model, mode = build_model(config, "cpu"), contextlib.nullcontext()
-    else:
-        mode = fake_tensor_mode()()
-        model = fake_model(config, mode)
-    base = getattr(model, "config", None) or model.base_model.config
-    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
-    if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
-        piece = -(-rows // config.loss_chunks)
-        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
-    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels))
-    seen: dict[int, object] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen.setdefault(id(t), t)
-    tracker.adopt(seen.values(), Category.WEIGHTS)
-    params = trainable(model)
-    total = sum(t.numel() for t in model.parameters())
-    n_train = sum(p.numel() for _, p in params)
-    label = ["warm-up"]
-    if on_phase is not None:
-        record = tracker.phase
+    with contextlib.ExitStack() as ranks:
+        mesh = None
+        if sharding is not Sharding.NONE:  # this process is rank 0 of num_gpus; collectives move nothing
+            ranks.enter_context(_compat.fake_process_group(config.num_gpus))
+            mesh = _compat.device_mesh("cpu", config.num_gpus)
+        if real:
+            torch.manual_seed(seed)
+            model, mode = build_model(config, "cpu"), contextlib.nullcontext()
+        else:
+            mode = _compat.fake_tensor_mode()()
+            model = fake_model(config, mode)
+        base = getattr(model, "config", None) or model.base_model.config
+        total = sum(t.numel() for t in model.parameters())
+        if sharding is Sharding.FSDP:
+            with mode:
+                distributed.shard(model, mesh)
+        tracker = _tracker(config, base, real=real, distributed=sharding is not Sharding.NONE)
+        seen: dict[int, object] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            seen.setdefault(id(t), t)
+        tracker.adopt(seen.values(), Category.WEIGHTS)
+        params = trainable(model)
+        n_train = sum(p.numel() for _, p in params)  # a DTensor's numel is the whole tensor's
+        label = ["warm-up"]
+        if on_phase is not None:
+            record = tracker.phase
 
-        def phase(ph: Phase) -> None:
-            record(ph)
-            on_phase(label[0], ph)
+            def phase(ph: Phase) -> None:
+                record(ph)
+                on_phase(label[0], ph)
 
-        tracker.phase = phase
-    try:
-        with mode, sdpa_masks_as_for_real_tensors():
-            step = Step(config, model, hooks=tracker, seed=seed)
-            with tracker:
-                batch = make_batch(config, model, seed=seed)
-                step(batch)
-                start = tracker.mark()
-                label[0] = "measured"
-                for _ in range(measured):  # one whole cycle of the method's steps
+            tracker.phase = phase
+        watch = distributed.watched(tracker) if sharding is not Sharding.NONE else contextlib.nullcontext()
+        try:
+            with mode, _compat.sdpa_masks_as_for_real_tensors(), watch:
+                step = Step(config, model, hooks=tracker, seed=seed)
+                with tracker:
+                    if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
+                        with tracker.region(Category.COMMUNICATION):
+                            step.model = distributed.replicate(model, fake=not real)
+                    batch = make_batch(config, model, seed=seed)
                     step(batch)
-    except MemplanError:
-        raise
-    except Exception as e:  # an op the tracer (fake tensors) cannot follow
-        from memplan.errors import one_line
+                    start = tracker.mark()
+                    label[0] = "measured"
+                    for _ in range(measured):  # one whole cycle of the method's steps
+                        step(batch)
+        except MemplanError:
+            raise
+        except Exception as e:  # an op the tracer (fake tensors) cannot follow
+            from memplan.errors import one_line
 
-        raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
-                           f"{type(e).__name__}: {one_line(e)}") from None
+            raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
+                               f"{type(e).__name__}: {one_line(e)}") from None
     warnings = list(step.warnings)
     if measured < cycle:
         warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
                         f"{measured} after the warm-up, so a peak in a later one is not seen")
     warnings += _attention_warnings(config, base)
     return Traced(tracker.peak(start), n_train, total, warnings)
+
+
+def _tracker(config: Config, base, *, real: bool, distributed: bool):
+    """The live-bytes tracker for one step of `config` (which tensors are logits, what lives on the host)."""
+    from memplan.tracker import LiveBytes
+
+    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
+    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
+    if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
+        piece = -(-rows // config.loss_chunks)
+        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
+    return LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels),
+                     distributed=distributed)
 
 
 def _attention_warnings(config: Config, cfg) -> list[str]:
