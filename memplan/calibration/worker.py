@@ -130,7 +130,8 @@ def rank_of_env() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) from torchrun's environment, or None outside torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local
 
 
 def run_job(job: dict, settings: dict) -> dict:
@@ -259,7 +260,7 @@ def rank_main(request_path: str) -> None:
     The runner sends one job per launch (a fresh process per configuration, as on one GPU); a list
     of jobs saves the start-up of torch where the CPU meter, which starts empty per job, allows it."""
     request = json.loads(Path(request_path).read_text())
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ["RANK"]  # set by torchrun
     out = Path(request["result_dir"])
     log = os.open(out / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
