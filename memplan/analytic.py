@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan import methods
+from memplan import methods, sharding
 from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Loss, Offload, Scheme, Sharding
+from memplan.options import Attention, Config, Loss, Scheme
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -29,16 +29,15 @@ Shapes = Ctx  # the sizes of one configuration, as formulas read them
 
 
 def not_modelled(cfg: Config) -> str | None:
-    """Options a tier accepts in `Config` but cannot estimate yet, or None."""
-    if cfg.num_gpus > 1 or cfg.nodes > 1 or cfg.sharding.resolved(cfg.num_gpus) is not Sharding.NONE \
-            or cfg.offload is not Offload.NONE:
-        return "--num-gpus, --nodes, --sharding and --offload are not modelled yet: estimates are for one GPU"
-    return None
+    """Options a tier accepts in `Config` but cannot estimate, or None (a layout no library runs)."""
+    return sharding.refusal(cfg)
 
 
 def host_bytes(cfg: Config, spec: ModelSpec) -> int:
-    """Host memory the step needs (offloaded state or activations); 0 when everything is on the GPU."""
-    return 0
+    """Host memory the step needs on one machine (offloaded state); 0 when everything is on the GPU."""
+    if sharding.is_plain(cfg):
+        return 0
+    return sharding.host_bytes(inputs(cfg, spec, None))
 
 
 def shapes(cfg: Config, spec: ModelSpec) -> Ctx:
@@ -243,7 +242,12 @@ class Inputs:
 
 
 def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Category, int]]:
-    """Bytes per category at the peak of each phase of one steady-state step."""
+    """Bytes per category at the peak of each phase of one steady-state step (per GPU: `memplan.sharding`)."""
+    return sharding.phases(inputs(cfg, spec, gpu_family), methods.get(cfg.method).phases)
+
+
+def inputs(cfg: Config, spec: ModelSpec, gpu_family) -> Inputs:
+    """What a method's phases read, for the whole model on one device."""
     s = shapes(cfg, spec)
     weights = weight_bytes(spec, s.wb)
     train = trainable(cfg, spec)
@@ -252,7 +256,7 @@ def phases(cfg: Config, spec: ModelSpec, gpu_family) -> dict[Phase, dict[Categor
         weights += train_bytes  # adapters live beside the frozen model
     state = state_copies(cfg) * train_bytes
     base = {C.WEIGHTS: weights, C.OPTIMIZER_STATE: state}
-    return methods.get(cfg.method).phases(Inputs(cfg, spec, s, base, train, gpu_family))
+    return Inputs(cfg, spec, s, base, train, gpu_family)
 
 
 _BY_NAME = {c.value: c for c in Category}

@@ -16,7 +16,7 @@ from memplan.errors import MemplanError
 from memplan.result import Category
 from memplan.units import gib as _gib
 from memplan.margin import Margin
-from memplan.options import Config, Method
+from memplan.options import Config, Method, Sharding
 
 FITS, TIGHT, NO_FIT = "fits", "tight", "no fit"
 STATUS_COLOURS = {FITS: "#5cb85c", TIGHT: "#f0ad4e", NO_FIT: "#d9534f"}
@@ -35,6 +35,10 @@ def _cycled(names, palette) -> dict:
 
 METHOD_COLOURS = _cycled((m.value for m in Method), _METHOD_PALETTE)
 METHOD_STYLES = _cycled((m.value for m in Method), _METHOD_MARKS)
+# Lines of a sweep over the number of GPUs are sharding modes (one method), or "method mode" pairs.
+SHARDING_COLOURS = _cycled((m.value for m in Sharding), _METHOD_PALETTE)
+SHARDING_STYLES = _cycled((m.value for m in Sharding), _METHOD_MARKS)
+SWEEPS = ("seq", "batch", "num-gpus")
 CATEGORY_COLOURS = _cycled((c.value for c in Category), _CATEGORY_PALETTE)
 DPI = 100
 
@@ -86,9 +90,9 @@ class BreakdownChart:
 class SweepChart:
     capacity: Capacity
     model: str
-    over: str  # "seq" or "batch"
+    over: str  # "seq", "batch" or "num-gpus"
     values: list[int]
-    peak_bytes: dict[str, list[int]]  # method -> one per value
+    peak_bytes: dict[str, list[int | None]]  # line (a method, or a sharding mode) -> one per value (None: refused)
     subtitle: str
     kind: str = "sweep"
     warnings: list[str] = field(default_factory=list)
@@ -158,12 +162,14 @@ def breakdown(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, 
 
 def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, over: str, values: list[int],
           margin: str | int = "5%", **options) -> SweepChart:
-    """Peak device bytes against sequence length (or batch), one line per method.
+    """Peak device bytes against sequence length (or batch), one line per method; against the number of
+    GPUs (`num-gpus`), per GPU, one line per sharding mode (the options' `sharding`, or every mode when
+    it is `auto`), for each method.
 
     `values`: 1 to 256 integers, each from 1 to 2^30 (1073741824), far past any real batch or context.
     """
-    if over not in ("seq", "batch"):
-        raise MemplanError(f"--over: sweep over seq or batch, got {over!r}")
+    if over not in SWEEPS:
+        raise MemplanError(f"--over: sweep over seq, batch or num-gpus, got {over!r}")
     most, largest = 256, 1 << 30
     shown = ",".join(str(v) if isinstance(v, int) and abs(v) < 10**30 else "..." for v in values[:8])
     shown += ",..." if len(values) > 8 else ""
@@ -173,13 +179,60 @@ def sweep(model: str, methods: list[Method | str], gpu: str | hardware.Gpu, *, o
         raise MemplanError(f"--values: each at most {largest} (2^30), got {shown}")
     if len(set(values)) > most:
         raise MemplanError(f"--values: at most {most} values, got {len(set(values))}")
+    if over == "num-gpus" and any(v > 4096 for v in values):
+        raise MemplanError(f"--values: --num-gpus is at most 4096, got {shown}")
     g, cap = _capacity(gpu, margin)
     values = sorted(set(values))
+    if over == "num-gpus":
+        return _gpu_sweep(model, methods, g, cap, values, options)
     columns = [_peaks(model, methods, g, {**options, over: v}) for v in values]
     peak = {e.method.value: [col[i].peak_device_bytes for col in columns] for i, e in enumerate(columns[0])}
     warnings = sorted({w for col in columns for e in col for w in e.warnings})
     return SweepChart(cap, columns[0][0].model, over, values, peak,
                       _subtitle(Config(model=model, **options), skip=over), warnings=warnings)
+
+
+SWEPT_SHARDINGS = (Sharding.DDP, Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)
+
+
+def _gpu_sweep(model: str, methods: list[Method | str], g: hardware.Gpu, cap: Capacity, values: list[int],
+               options: dict) -> SweepChart:
+    """Per-GPU peak against the number of GPUs: a line per sharding mode (and method, when several); a
+    point a mode refuses (ZO with ZeRO offload of parameters, say) is left out (None)."""
+    from memplan.api import estimate_config
+    from memplan.spec import resolve
+
+    if not methods:
+        raise MemplanError("--methods: name at least one method, or all")
+    asked = Sharding.parse(options.get("sharding", Sharding.AUTO))
+    modes = SWEPT_SHARDINGS if asked is Sharding.AUTO else (asked,)
+    spec = resolve(model)
+    base = {k: v for k, v in options.items() if k not in ("num_gpus", "sharding", "nodes")}
+    nodes = options.get("nodes", 1)
+    peak: dict[str, list[int | None]] = {}
+    warnings: set[str] = set()
+    name = model
+    for m in methods:
+        for mode in modes:
+            line = []
+            for n in values:
+                try:
+                    e = estimate_config(Config(model=model, method=m, num_gpus=n, sharding=mode,
+                                               nodes=min(nodes, n) if n % min(nodes, n) == 0 else 1, **base),
+                                        g, search=False, spec=spec)
+                except MemplanError:
+                    line.append(None)
+                    continue
+                name = e.model
+                warnings.update(e.warnings)
+                line.append(e.peak_device_bytes)
+            if any(v is not None for v in line):
+                label = mode.value if len(methods) == 1 else f"{Method(m).value} {mode.value}"
+                peak[label] = line
+    if not peak:
+        raise MemplanError("no sharding mode can run these options at any of --values")
+    subtitle = f"{Method(methods[0]).value}, " * (len(methods) == 1) + _subtitle(Config(model=model, **base))
+    return SweepChart(cap, name, "num-gpus", values, peak, subtitle + ", per GPU", warnings=sorted(warnings))
 
 
 # ---- drawing ----------------------------------------------------------------------------------
@@ -246,21 +299,37 @@ def _draw_breakdown(fig, c: BreakdownChart) -> None:
 
 def _draw_sweep(fig, c: SweepChart) -> None:
     ax = fig.add_subplot()
-    for method, peaks in c.peak_bytes.items():
-        marker, dashes = METHOD_STYLES[method]
-        ax.plot(c.values, [_gib(n) for n in peaks], marker=marker, linestyle=dashes, markersize=5,
-                color=METHOD_COLOURS[method], label=method)
+    for i, (line, peaks) in enumerate(c.peak_bytes.items()):
+        key = line.split()[-1]
+        if key in METHOD_COLOURS:
+            colour, (marker, dashes) = METHOD_COLOURS[key], METHOD_STYLES[key]
+        elif len(line.split()) == 1:
+            colour, (marker, dashes) = SHARDING_COLOURS[key], SHARDING_STYLES[key]
+        else:  # "method mode": colour by method, marks by mode
+            colour, (marker, dashes) = METHOD_COLOURS[line.split()[0]], SHARDING_STYLES[key]
+        xs = [v for v, n in zip(c.values, peaks) if n is not None]
+        ax.plot(xs, [_gib(n) for n in peaks if n is not None], marker=marker, linestyle=dashes, markersize=5,
+                color=colour, label=line)
     _capacity_lines(ax, c.capacity)
     if len(c.values) > 1 and c.values[-1] / c.values[0] >= 8:
         ax.set_xscale("log", base=2)
     ax.set_xticks(c.values, [str(v) for v in c.values])
     ax.minorticks_off()
-    ax.set_xlabel("sequence length (tokens)" if c.over == "seq" else "batch (sequences)")
-    ax.set_ylabel("peak device memory (GiB = 2^30 bytes)")
-    ax.set_ylim(bottom=0)
+    ax.set_xlabel({"seq": "sequence length (tokens)", "batch": "batch (sequences)",
+                   "num-gpus": "GPUs (data-parallel ranks)"}[c.over])
+    per = " per GPU" if c.over == "num-gpus" else ""
+    ax.set_ylabel(f"peak device memory{per} (GiB = 2^30 bytes)")
+    shown = [n for peaks in c.peak_bytes.values() for n in peaks if n] + [c.capacity.total_bytes]
+    if c.over == "num-gpus" and max(shown) > 16 * min(shown):  # per-GPU peaks fall by orders of magnitude
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    what = "sequence length" if c.over == "seq" else "batch"
-    ax.set_title(f"{c.model} on {c.capacity.display}: peak memory against {what}\n{c.subtitle}", fontsize=11)
+    what = {"seq": "sequence length", "batch": "batch", "num-gpus": "the number of GPUs"}[c.over]
+    ax.set_title(f"{c.model} on {c.capacity.display}: peak memory{per} against {what}\n{c.subtitle}", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
 
 

@@ -30,8 +30,8 @@ TRACED = (Sharding.FSDP, Sharding.DDP)
 
 
 def layout(config: Config) -> Sharding:
-    """The sharding the step runs under: NONE on one GPU."""
-    return config.sharding.resolved(config.num_gpus) if config.num_gpus > 1 else Sharding.NONE
+    """The sharding the step runs under (`auto`: none on one GPU, ddp on more)."""
+    return config.sharding.resolved(config.num_gpus)
 
 
 def trace_refusal(config: Config) -> str | None:
@@ -43,8 +43,6 @@ def trace_refusal(config: Config) -> str | None:
     if sharding in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3):
         return (f"--sharding {sharding.value} is DeepSpeed ZeRO, which cannot run on fake tensors: "
                 "the trace covers fsdp and ddp (use the analytic tier for ZeRO)")
-    if config.num_gpus == 1 and config.sharding not in (Sharding.AUTO, Sharding.NONE):
-        return f"--sharding {config.sharding.value} needs --num-gpus 2 or more"
     return None
 
 

@@ -204,6 +204,13 @@ class Config(BaseModel):
     nodes: int = Field(1, ge=1, le=1024, description="Machines the GPUs are spread over (inter-node defaults).")
     sharding: Sharding = Field(Sharding.AUTO, description="How the ranks share model state.")
     offload: Offload = Field(Offload.NONE, description="What lives in host memory instead of on the GPU.")
+    host_memory: float = Field(0.0, ge=0.0, description="Host memory of each machine in GiB; with --offload the "
+                               "verdict fails when the step needs more (0: not judged).")
+
+    @property
+    def host_memory_bytes(self) -> int:
+        """`host_memory` in bytes (GiB = 2^30)."""
+        return int(self.host_memory * (1 << 30))
 
     def replace(self, **update) -> "Config":
         """A validated copy with some fields changed (model_copy would skip validation)."""

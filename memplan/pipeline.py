@@ -15,7 +15,7 @@ from typing import Protocol
 from memplan import analytic, corrections, hardware
 from memplan.errors import MemplanError
 from memplan.options import Config
-from memplan.overhead import add_overheads, workspace_bytes
+from memplan.overhead import add_overheads, nccl_bytes, workspace_bytes
 from memplan.result import Category, Estimate, GpuRef, Phase, Tier
 from memplan.spec import ModelSpec, resolve
 
@@ -135,6 +135,9 @@ def _warnings(peak: TensorPeak, cfg: Config, spec: ModelSpec | None) -> list[str
     out = []
     if spec is not None and cfg.seq > spec.max_positions:
         out.append(f"seq {cfg.seq} is beyond {spec.name}'s {spec.max_positions} positions")
+    if cfg.host_memory and peak.host_bytes > cfg.host_memory_bytes:
+        out.append(f"the step needs {peak.host_bytes / 2**30:.1f} GiB of host memory per machine; "
+                   f"--host-memory is {cfg.host_memory:g} GiB")
     if cfg.grad_checkpointing and not cfg.method.is_fo:
         out.append(f"--grad-checkpointing has no effect on {cfg.method.value} (no backward pass)")
     return out + [w for w in peak.warnings if w not in out]
@@ -150,7 +153,7 @@ def finish(peak: TensorPeak, cfg: Config, spec: ModelSpec | None, gpu: hardware.
     """
     fam, source = family_of(gpu) if family is None else (family, None)
     comps, phases = _with_workspace(peak, cfg, fam)
-    comps, allocated, reserved, device = add_overheads(comps, fam)
+    comps, allocated, reserved, device = add_overheads(comps, fam, nccl_bytes(cfg.num_gpus))
     est = Estimate.model_construct(  # built from validated values: skip re-validation (sweeps are hot)
         model=peak.model, method=cfg.method, scheme=cfg.scheme, dtype=cfg.dtype, batch=cfg.batch, seq=cfg.seq,
         attention=cfg.attention, tier=tier, peak_phase=peak.phase, components=comps, phases=phases,
@@ -169,11 +172,18 @@ def finish(peak: TensorPeak, cfg: Config, spec: ModelSpec | None, gpu: hardware.
 
 
 def judge(est: Estimate, gpu: hardware.Gpu) -> Estimate:
-    """Set the verdict of an estimate against a GPU (device view)."""
+    """Set the verdict of an estimate against a GPU (device view) and, when `host_memory` is given, of its
+    host bytes against the machine's memory."""
     est.gpu = gpu_ref(gpu)
     est.headroom_bytes = gpu.total_bytes - est.peak_device_bytes
-    est.fits = est.headroom_bytes >= 0
+    est.fits = est.headroom_bytes >= 0 and host_fits(est)
     return est
+
+
+def host_fits(est: Estimate) -> bool:
+    """Whether the host holds `host_bytes` (True when `host_memory` is not given)."""
+    cfg = est.config
+    return cfg is None or not cfg.host_memory or est.host_bytes <= cfg.host_memory_bytes
 
 
 def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: bool = True,
@@ -193,7 +203,7 @@ def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:
     """Peak device bytes of one configuration, analytic tier (the number a fit verdict uses)."""
     fam, _ = family_of(gpu)
     _, comps, _ = analytic.peak(cfg, spec, fam)
-    return add_overheads(comps, fam)[3]
+    return add_overheads(comps, fam, nccl_bytes(cfg.num_gpus))[3]
 
 
 def largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str, budget: int | None = None) -> int:

@@ -250,7 +250,11 @@ class Result:
 
     @property
     def fits(self) -> bool:
-        return self.estimate.peak_device_bytes <= self.budget_bytes
+        """Within the GPU's budget (every rank: the estimate is the busiest one's) and, when the run gives
+        `host_memory`, within the host's."""
+        from memplan.pipeline import host_fits
+
+        return self.estimate.peak_device_bytes <= self.budget_bytes and host_fits(self.estimate)
 
     @property
     def method(self) -> str:

@@ -6,35 +6,53 @@ from dataclasses import dataclass
 from enum import Enum
 
 from memplan import hardware
+from memplan.errors import MemplanError
 from memplan.margin import Margin
-from memplan.options import Attention, Method, Scheme
+from memplan.options import Attention, Method, Offload, Scheme, Sharding
 from memplan.result import GIB, Estimate
 from memplan.spec import ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Fix:
-    """One change (a Config field, or `gpu`) and the peak device bytes after it."""
+    """One change (a Config field, or `gpu`) and the peak device bytes (per GPU) after it; `also`: the
+    other fields a layout change sets with it (`--sharding zero3` with `--num-gpus 4`)."""
 
     field: str
     value: object
     peak_device_bytes: int
+    also: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def changes(self) -> dict:
+        """Every Config field the fix sets (empty for a GPU swap)."""
+        return {} if self.field == "gpu" else {self.field: self.value, **dict(self.also)}
+
+    @property
+    def per_gpu(self) -> bool:
+        return self.changes.get("num_gpus", 1) > 1
 
     @property
     def flag(self) -> str:
-        """As `memplan fit` spells it: `--batch 4`, `--grad-checkpointing`."""
-        name = "--" + self.field.replace("_", "-")
-        return name if self.value is True else f"{name} {self.value}"
+        """As `memplan fit` spells it: `--batch 4`, `--grad-checkpointing`, `--sharding zero3 --num-gpus 4`."""
+        def one(field, value):
+            name = "--" + field.replace("_", "-")
+            return name if value is True else f"{name} {value}"
+
+        return " ".join(one(f, v) for f, v in ((self.field, self.value), *self.also))
 
     @property
     def key(self) -> str:
         """As a plan file spells it: `batch: 4`, `grad_checkpointing: true`, `gpus: [a100-80gb]`."""
         if self.field == "gpu":
             return f"gpus: [{self.value}]"
-        return f"{self.field}: {'true' if self.value is True else self.value}"
+        return ", ".join(f"{f}: {'true' if v is True else v}" for f, v in ((self.field, self.value), *self.also))
 
     def to_json_dict(self) -> dict:
-        return {"field": self.field, "value": self.value, "peak_device_bytes": self.peak_device_bytes}
+        out = {"field": self.field, "value": self.value, "peak_device_bytes": self.peak_device_bytes}
+        if self.also:
+            out["also"] = dict(self.also)
+        return out
 
 
 def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | None = None) -> list[Fix]:
@@ -44,6 +62,7 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     largest that fits), a PEFT scheme, a ZO method; last, the smallest catalog GPU that holds it.
     Each change is made to the configuration the estimate carries (`est.config`), every option kept.
     """
+    from memplan.analytic import host_bytes
     from memplan.pipeline import device_bytes, largest as _largest
 
     margin = margin or Margin()
@@ -51,9 +70,16 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     cfg = est.config
     out: list[Fix] = []
 
+    def host_ok(c) -> bool:
+        return not c.host_memory or host_bytes(c, spec) <= c.host_memory_bytes
+
     def attempt(field: str, value) -> None:
-        n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
-        if n <= budget:
+        try:
+            changed = cfg.replace(**{field: value})
+            n = device_bytes(changed, spec, gpu)
+        except MemplanError:  # a change the other options refuse (zo-sgd with --offload optimizer, say)
+            return
+        if n <= budget and host_ok(changed):
             out.append(Fix(field, value.value if isinstance(value, Enum) else value, n))
 
     if cfg.attention is not Attention.SDPA:
@@ -69,8 +95,9 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
         attempt("scheme", Scheme.LORA)
     if cfg.method is not Method.ZO_SGD:
         attempt("method", Method.ZO_SGD)
+    out.extend(layouts(cfg, spec, gpu, budget, host_ok))
     for other in sorted(hardware.catalog(), key=lambda g: g.total_bytes):
-        if other.total_bytes > gpu.total_bytes:
+        if other.total_bytes > gpu.total_bytes and host_ok(cfg):
             n = device_bytes(cfg, spec, other)
             if n <= margin.budget(other.total_bytes):
                 out.append(Fix("gpu", other.name, n))
@@ -78,9 +105,62 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     return out
 
 
+MORE_GPUS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def layouts(cfg, spec: ModelSpec, gpu: hardware.Gpu, budget: int, host_ok) -> list[Fix]:
+    """Sharding, more GPUs and offload, each the least change of its kind that fits (per GPU):
+    another sharding mode on the GPUs asked for; the fewest GPUs (a power of two) under fsdp or zero3
+    (or the mode asked for, when it shards); offloading the optimizer state, then the parameters."""
+    from memplan.pipeline import device_bytes
+
+    def peak(**changes) -> int | None:
+        try:
+            changed = cfg.replace(**changes)
+            n = device_bytes(changed, spec, gpu)
+        except MemplanError:  # a layout these options cannot take
+            return None
+        return n if n <= budget and host_ok(changed) else None
+
+    def fix(changes: dict, n: int) -> Fix:
+        (field, value), *also = [(f, v.value if isinstance(v, Enum) else v) for f, v in changes.items()]
+        return Fix(field, value, n, tuple(also))
+
+    out: list[Fix] = []
+    mode = cfg.sharding.resolved(cfg.num_gpus)
+    shards = (Sharding.ZERO3, Sharding.FSDP)
+    if cfg.num_gpus > 1:
+        order = (Sharding.ZERO1, Sharding.ZERO2, Sharding.FSDP, Sharding.ZERO3) if cfg.method.is_fo else shards
+        for other in (m for m in order if m is not mode):
+            n = peak(sharding=other)
+            if n is not None:
+                out.append(fix({"sharding": other}, n))
+                break
+    modes = (mode,) if mode in (*shards, Sharding.ZERO1, Sharding.ZERO2) else (Sharding.FSDP, Sharding.ZERO3)
+    found = []
+    for m in modes:
+        for gpus in (g for g in MORE_GPUS if g > cfg.num_gpus):
+            n = peak(sharding=m, num_gpus=gpus)
+            if n is not None:
+                found.append((gpus, n, m))
+                break
+    if found:
+        gpus, n, m = min(found, key=lambda t: (t[0], t[1]))
+        out.append(fix({"sharding": m, "num_gpus": gpus} if m is not mode else {"num_gpus": gpus}, n))
+    if cfg.offload is Offload.NONE:
+        for offload in (Offload.OPTIMIZER, Offload.PARAMS):
+            n = peak(offload=offload)
+            if n is not None:
+                out.append(fix({"offload": offload}, n))
+                break
+    return out
+
+
 def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
-    """`--batch 4 (21.3 GiB), --scheme lora (...)`: flags for `fit`, keys for a plan file."""
-    return ", ".join(f"{f.key if plan_keys else f.flag} ({f.peak_device_bytes / GIB:.1f} GiB)" for f in found)
+    """`--batch 4 (21.3 GiB), --sharding zero3 --num-gpus 4 (38.2 GiB per GPU)`: flags for `fit`, keys
+    for a plan file."""
+    return ", ".join(f"{f.key if plan_keys else f.flag} ({f.peak_device_bytes / GIB:.1f} GiB"
+                     f"{' per GPU' if f.per_gpu else ''})" for f in found)
 
 
 def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None) -> list[str]:

@@ -87,7 +87,7 @@ def trace_step(config: Config, *, real: bool = False,
     from memplan.steps import Step, build_model, make_batch, trainable
 
     sharding = distributed.layout(config)
-    refuse = distributed.trace_refusal(config) or (not_modelled(config) if sharding is Sharding.NONE else None)
+    refuse = not_modelled(config) or distributed.trace_refusal(config)
     if refuse:
         raise MemplanError(refuse)
     spec = methods.get(config.method)

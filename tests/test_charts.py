@@ -97,7 +97,7 @@ def test_same_bytes_in_another_process(tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: charts.sweep("opt-125m", METHODS, "h100", over="lr", values=[1]), "--over: sweep over seq or batch"),
+    (lambda: charts.sweep("opt-125m", METHODS, "h100", over="lr", values=[1]), "--over: sweep over seq, batch or num-gpus"),
     (lambda: charts.sweep("opt-125m", METHODS, "h100", over="seq", values=[0, 8]), "--values: positive"),
     (lambda: charts.grid([], METHODS, "h100"), "--models: name at least one"),
     (lambda: charts.grid(["opt-125m"], METHODS, "h100", margin="5"), "--margin: write a share"),

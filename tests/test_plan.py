@@ -239,7 +239,7 @@ def test_fixes_are_computed_and_each_one_fits():
             if fix.field == "gpu":
                 continue
             fields = dict(model="opt-13b", method=r.method, batch=16, seq=512, attention="eager")
-            cfg = Config(**{**fields, fix.field: fix.value})
+            cfg = Config(**{**fields, **fix.changes})
             assert fix.peak_device_bytes == estimate_config(cfg, H100, search=False, spec=spec).peak_device_bytes
             assert fix.peak_device_bytes <= budget
 
@@ -290,7 +290,7 @@ def test_fit_suggestions_keep_their_flags():
     # Each suggestion is a flag of `fit`, and applying it makes the run fit, by the estimator.
     for fix in found:
         gpu = hardware.get_gpu(fix.value) if fix.field == "gpu" else H100
-        changed = cfg if fix.field == "gpu" else cfg.replace(**{fix.field: fix.value})
+        changed = cfg.replace(**fix.changes)
         assert fix.peak_device_bytes == device_bytes(changed, spec, gpu) <= gpu.total_bytes
     # ZO-SGD fits (28.9 GiB) and the H200 (140 GiB) is the smallest larger GPU that holds it as it is.
     zo = device_bytes(cfg.replace(method="zo-sgd"), spec, H100)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplan.calibration import grid as grid_mod
+from memplan import distributed
 from memplan.calibration import records
 from memplan.errors import MemplanError
 
@@ -306,7 +307,7 @@ def run(grid: grid_mod.Grid, *, out: str | Path | None = None, device: str | Non
             if on_event:
                 on_event(Event("start", i, len(pending), job))
             payload = job.to_dict()
-            if job.config.num_gpus > 1:
+            if distributed.layout(job.config) is not distributed.Sharding.NONE:  # one process per rank
                 results = _TorchrunExecutor().run(payload, settings, timeout_s or grid.timeout_s, job.config.num_gpus)
                 isolation = "torchrun"
             else:

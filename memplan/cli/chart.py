@@ -69,9 +69,11 @@ def breakdown(model: ModelArg, gpu: GpuOpt, output: OutputOpt, methods: MethodsO
 @guarded
 def sweep(model: ModelArg, gpu: GpuOpt, output: OutputOpt,
           values: Annotated[str, typer.Option("--values", help="Comma-separated values, e.g. 128,256,512.")],
-          over: Annotated[str, typer.Option("--over", help="seq | batch")] = "seq",
+          over: Annotated[str, typer.Option("--over", help="seq | batch | num-gpus (per-GPU peak, a line per "
+                                            "sharding mode)")] = "seq",
           methods: MethodsOpt = "all", margin: MarginOpt = "5%", *, as_json: JsonOpt = False, **options) -> None:
-    """Peak memory against sequence length (or batch), one line per method, with the GPU's capacity."""
+    """Peak memory against sequence length or batch (a line per method), or per GPU against the number of
+    GPUs (a line per sharding mode), with the GPU's capacity."""
     from memplan import charts
     from memplan.cli._options import chart_options
     from memplan.errors import MemplanError

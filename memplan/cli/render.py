@@ -13,6 +13,16 @@ COLUMNS = {
     "z /\ntangent": (Category.PERTURBATION, Category.TANGENTS),
     "over-\nhead": (Category.WORKSPACE, Category.CONTEXT, Category.ALLOCATOR),
 }
+# Shown only when some estimate holds collective buffers (several GPUs, sharding).
+COMM_COLUMN = {"comm": (Category.COMMUNICATION,)}
+
+
+def columns_of(estimates: list[Estimate]) -> dict:
+    """COLUMNS, with the communication column before the overheads when some estimate has one."""
+    if not any(e.components.get(Category.COMMUNICATION, 0) for e in estimates):
+        return COLUMNS
+    items = list(COLUMNS.items())
+    return dict(items[:-1] + list(COMM_COLUMN.items()) + items[-1:])
 
 
 PHASE_LABEL = {Phase.LOAD: "load", Phase.FORWARD: "fwd", Phase.BACKWARD: "bwd", Phase.OPTIMIZER_STEP: "step",
@@ -93,10 +103,10 @@ def indented(text: str, by: int = 2):
     return Padding(Text.from_markup(text, emoji=False), (0, 0, 0, by))
 
 
-def _estimate_cells(e: Estimate) -> dict[str, str]:
-    parts = (sum(e.components.get(c, 0) for c in cats) for cats in COLUMNS.values())
+def _estimate_cells(e: Estimate, columns: dict = COLUMNS) -> dict[str, str]:
+    parts = (sum(e.components.get(c, 0) for c in cats) for cats in columns.values())
     return {"method": e.method.value, "peak\nGiB": fmt_gib(e.peak_device_bytes), "phase": PHASE_LABEL[e.peak_phase],
-            **dict(zip(COLUMNS, map(fmt_gib, parts))), "verdict": verdict(e), "head-\nroom": fmt_gib(e.headroom_bytes),
+            **dict(zip(columns, map(fmt_gib, parts))), "verdict": verdict(e), "head-\nroom": fmt_gib(e.headroom_bytes),
             "max\nbatch": "-" if e.max_batch is None else str(e.max_batch),
             "max\nseq": "-" if e.max_seq is None else str(e.max_seq)}
 
@@ -107,7 +117,8 @@ _LEFT = ("method", "phase", "verdict")
 
 def estimates_table(estimates: list[Estimate], names: tuple[str, ...] | None = None):
     """The `fit` / `trace` table: one row per method; `names` picks columns (default: all)."""
-    cells = [_estimate_cells(e) for e in estimates]
+    columns = columns_of(estimates)
+    cells = [_estimate_cells(e, columns) for e in estimates]
     names = names or tuple(cells[0])
     table = compact_table()
     add_columns(table, names, [tuple(c[n] for n in names) for c in cells], left=_LEFT)
@@ -122,12 +133,13 @@ def _label(name: str) -> str:
 def estimate_blocks(estimates: list[Estimate]) -> list:
     """The narrow layout of `fit`: per method, its verdict line, then its numbers as `key value` pairs."""
     out = []
+    columns = columns_of(estimates)
     for e in estimates:
-        c = {_label(name): cell for name, cell in _estimate_cells(e).items()}
+        c = {_label(name): cell for name, cell in _estimate_cells(e, columns).items()}
         out.append(f"[bold]{c['method']}[/bold]: {c['verdict']}")
         out.append(indented(f"peak {c['peak GiB']} GiB at {c['phase']}, headroom {c['headroom']} GiB, "
                             f"max batch {c['max batch']}, max seq {c['max seq']}"))
-        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in COLUMNS)
+        parts = (f"{_label(name).replace(' ', '')} {c[_label(name)]}" for name in columns)
         out.append(indented(", ".join(parts) + " (GiB)"))
     return out
 
@@ -135,10 +147,27 @@ def estimate_blocks(estimates: list[Estimate]) -> list:
 CAPTION = "all sizes in GiB (2^30 bytes); peak = device view (reserved + CUDA context)"
 
 
+def per_gpu(est: Estimate) -> bool:
+    return est.config is not None and est.config.num_gpus > 1
+
+
 def title_of(est: Estimate) -> str:
     gpu = f" · {est.gpu.name} {fmt_gib(est.gpu.total_bytes)} GiB" if est.gpu else " · no GPU, no verdict"
+    layout = ""
+    cfg = est.config
+    if cfg is not None and (cfg.num_gpus > 1 or cfg.sharding.resolved(cfg.num_gpus).value != "none"
+                            or cfg.offload.value != "none"):
+        layout = f" · {cfg.num_gpus} GPUs, {cfg.sharding.resolved(cfg.num_gpus).value}"
+        layout += f", offload {cfg.offload.value}" if cfg.offload.value != "none" else ""
     return (f"{est.model} · {est.scheme.value} · {est.dtype.value} · batch {est.batch} x seq {est.seq} · "
-            f"{est.attention.value} · {est.tier.value}{gpu}")
+            f"{est.attention.value} · {est.tier.value}{layout}{gpu}")
+
+
+def caption_of(estimates: list[Estimate]) -> str:
+    """CAPTION; with several GPUs it says the numbers are per GPU (the busiest rank)."""
+    if any(per_gpu(e) for e in estimates):
+        return CAPTION.replace("all sizes", "all sizes per GPU (the busiest rank)")
+    return CAPTION
 
 
 def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -> None:
@@ -152,17 +181,20 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
 
     # stdout holds the table; what is said about it goes to stderr, so `> file` keeps the table alone.
     out, err = console(), console(stderr=True)
-    caption = Text(CAPTION, style="dim")
+    caption = Text(caption_of(estimates), style="dim")
     head = [Text(title_of(estimates[0])), ""]
     print_fitting(
         out,
         lambda: [*head, estimates_table(estimates), "", caption],
         lambda: [*head, estimates_table(estimates, VERDICT_COLUMNS), "",
-                 estimates_table(estimates, ("method", *COLUMNS)), "", caption],
+                 estimates_table(estimates, ("method", *columns_of(estimates))), "", caption],
         lambda: [*head, *estimate_blocks(estimates), "", caption],
     )
     for source in sorted({e.correction for e in estimates if e.correction}):
         err.print(f"overheads corrected by calibration: {source}", markup=False)
+    for e in estimates:
+        if e.host_bytes:
+            err.print(f"{e.method.value}: host memory needed {fmt_gib(e.host_bytes)} GiB per machine", markup=False)
     for line in notes:
         err.print(line)
     for w in sorted({w for e in estimates for w in e.warnings}):
