@@ -159,6 +159,9 @@ def run_job(job: dict, settings: dict) -> dict:
         rank, world, local = ranks
         rec.update(rank=rank, world_size=world)
         if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                return {**rec, "status": "error", "error": f"--num-gpus {world} on one machine needs {world} GPUs; "
+                        f"this one has {torch.cuda.device_count()}"}
             device = torch.device("cuda", local)
     meter: Meter = CudaMeter(device) if device.type == "cuda" else \
         CpuMeter(settings.get("cpu_cap_bytes"), distributed=sharded)
