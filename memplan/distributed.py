@@ -20,6 +20,7 @@ reduce-scatter outputs, which become the sharded gradients the optimizer steps.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from memplan import _compat
@@ -87,7 +88,11 @@ def watched(tracker) -> Iterator[None]:
         tracker.tag(Category.GRADIENTS, grads)
 
     with _compat.storage_resizes(tracker.resized), \
-            _compat.fsdp_collectives(lambda: tracker.region(Category.COMMUNICATION), grads_of_reduce):
+            _compat.fsdp_collectives(lambda: tracker.region(Category.COMMUNICATION), grads_of_reduce), \
+            warnings.catch_warnings():
+        # transformers' decoder layers return a view; FSDP2 warns that an in-place op on it would skip
+        # its pre-backward hook. The step never writes into a layer's output.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         yield
 
 
