@@ -67,8 +67,8 @@ def shard(model, mesh) -> None:
 def replicate(model, *, fake: bool = False):
     """DDP around `model` (CPU or one device per process); gradients copied into 25 MiB buckets.
 
-    fake: over fake tensors in the fake process group, where DDP's constructor cannot read weights
-    and its all-reduce futures carry no value; `_compat` has the stand-ins (same bytes).
+    fake: in the fake process group (the trace), whose all-reduce futures carry no value and where
+    DDP's constructor cannot read fake weights; `_compat` has the stand-ins (same bytes).
     """
     from torch.nn.parallel import DistributedDataParallel
 

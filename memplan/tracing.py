@@ -135,7 +135,7 @@ def trace_step(config: Config, *, real: bool = False,
                 with tracker:
                     if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
                         with tracker.region(Category.COMMUNICATION):
-                            step.model = distributed.replicate(model, fake=not real)
+                            step.model = distributed.replicate(model, fake=True)  # the fake process group
                     batch = make_batch(config, model, seed=seed)
                     step(batch)
                     start = tracker.mark()

@@ -113,6 +113,16 @@ def test_zero_is_refused_by_the_trace(opt, sharding, needle):
 
 
 def test_offload_is_refused_by_the_trace(opt):
-    cfg = _cfg(opt, "fo-adam", 2, "fsdp").replace(offload="optimizer")
+    cfg = _cfg(opt, "fo-adam", 2, "fsdp").replace(offload="params")
     with pytest.raises(MemplanError, match="--offload is not traced"):
         trace_step(cfg)
+
+
+@pytest.mark.parametrize("sharding, method", [("fsdp", "fo-adam"), ("ddp", "zo-sgd")])
+def test_fake_tensors_count_what_real_ones_do_in_the_fake_group(opt, sharding, method):
+    # The same rank's step on real CPU tensors (collectives still fake): every phase to the byte,
+    # so nothing in the sharded trace comes from fake tensors (DDP's and FSDP's stand-ins included).
+    cfg = _cfg(opt, method, 2, sharding)
+    fake, real = trace_step(cfg).peak, trace_step(cfg, real=True).peak
+    assert fake.phases == real.phases
+    assert fake.components == real.components
