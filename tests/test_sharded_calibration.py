@@ -134,3 +134,17 @@ def test_zero_is_refused_for_trace_and_measurement():
     cfg = Config(model="tiny-opt", method="fo-adam", num_gpus=2, sharding="zero3")
     assert "DeepSpeed" in distributed.trace_refusal(cfg)
     assert "DeepSpeed" in distributed.measure_refusal(cfg, (0, 2, 0))
+
+
+def test_runner_cuts_a_torchrun_launch_at_its_timeout_and_retries_it(tmp_path):
+    from memplan.calibration import records, runner
+
+    g = grid.Grid(name="ranks", device="cpu", timeout_s=1, models={"tiny-opt": TINY_OPT},
+                  configs=[{"model": "tiny-opt", "method": "zo-sgd", "num_gpus": WORLD, "sharding": "ddp"}])
+    out = tmp_path / "ranks.jsonl"
+    summary = runner.run(g, out=out, isolation="spawn")
+    assert summary.statuses == {"timeout": 1}
+    (rec,) = records.read(out)
+    assert rec["isolation"] == "torchrun" and (rec["world_size"], rec["rank"]) == (WORLD, 0)
+    assert "no records from 2 ranks within 1 s" in rec["error"]
+    assert runner.run(g, out=out, isolation="spawn").statuses == {"timeout": 1}  # not a result: tried again
