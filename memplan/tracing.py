@@ -20,6 +20,10 @@ guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps w
   16-bit copy the next matmul saves is the same), so saved bytes agree;
 - allocations inside kernels (cuBLAS workspace, flash-attention backward accumulators) are not op
   outputs and are seen by neither; the workspace comes from `memplan.overhead`.
+
+With --num-gpus N and fsdp or ddp, the trace is rank 0 of N in torch's fake process group
+(`memplan.distributed`): the model is wrapped as a trainer wraps it, collectives allocate their
+buffers but move nothing, and the bytes are that rank's. ZeRO (DeepSpeed) and offload are refused.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ runs rank 0 of 2 on fake tensors in the fake process group. What must agree, agr
   gloo runs a collective in its own thread, which drops its references to the buffers when it is
   done, a moment the step does not set; the fake process group finishes every collective at once.
   On CUDA the same buffers are held until FSDP's next wait, which the trace follows.
+The analytic per-GPU estimate is held to each measured rank too: DDP within 0.5 %; FSDP's known
+gaps (calibration/SHARDED-VS-TRACE.md) are strict expected failures, so a fix shows.
 """
 
 import json
@@ -113,6 +115,29 @@ def test_measured_ranks_match_the_sharded_trace(case, measured, traced):
                 assert got[phase] == n, (rank, phase, got[phase], n)
             else:  # at most one block's all-gather buffer later freed by gloo's thread
                 assert n <= got[phase] <= n + _block_gather_bytes(), (rank, phase, got[phase], n)
+
+
+FSDP_ANALYTIC_GAP = ("the analytic FSDP model is off on tiny shapes as on SHARDED-VS-TRACE.md's grid: "
+                     "+20 % ft (gradients added at backward's start), +4 % lora, -13 % zo-sgd (the trace "
+                     "keeps the root gathered at the logits)")
+ANALYTIC_CASES = [c if c[0] == "ddp" else pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=FSDP_ANALYTIC_GAP))
+                  for c in CASES]
+
+
+@pytest.mark.parametrize("case", ANALYTIC_CASES, ids=["-".join(c) for c in CASES])
+def test_analytic_per_gpu_matches_every_measured_rank(case, measured, tmp_path):
+    # DDP: the analytic per-GPU peak (without the cuBLAS workspace, which neither CPU tier sees) is
+    # within 0.5 % of each rank (measured: -1,024 B for fo-adam, -1,536 B for zo-sgd, of 2.1 / 0.9 MB).
+    from memplan.api import estimate_config
+    from memplan.result import Category
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_OPT))
+    est = estimate_config(_config(*case).replace(model=str(path)), search=False)
+    analytic = est.peak_allocated_bytes - est.components.get(Category.WORKSPACE, 0)
+    for rank in range(WORLD):
+        got = measured[case, rank]["peak_allocated_bytes"]
+        assert abs(analytic - got) <= 0.005 * got, (rank, analytic, got)
 
 
 def _block_gather_bytes() -> int:
