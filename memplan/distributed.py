@@ -4,8 +4,13 @@
   as torchtitan and the FSDP2 docs wrap a transformer. Each block's parameters are all-gathered
   before its forward (and again before its backward), resharded after it; each block's gradients are
   reduce-scattered as its backward ends. The optimizer sees only this rank's shards.
+  FSDP2 keeps the root gathered after forward (backward would gather it again at once), so a
+  forward-only method (ZO) keeps it gathered between steps. A ZO step draws z for, and perturbs,
+  this rank's shard only; MeZO's out-of-place perturbation is written back into the shard's storage,
+  from which FSDP all-gathers (`methods.zo.perturb`).
 - ddp: `DistributedDataParallel` around the model: every rank keeps all weights, gradients and
-  optimizer state, plus gradient buckets (one flat copy of the trainable gradients, 25 MiB each).
+  optimizer state, plus gradient buckets (one flat copy of the trainable gradients, in buckets of
+  25 MiB, the first 1 MiB).
 
 The trace runs one rank of this (rank 0 of `num_gpus`) on fake tensors in torch's fake process group,
 where collectives move no data but allocate what they would; the calibration worker runs every rank
