@@ -55,7 +55,7 @@ def _run_one(config: Config, model_config: dict, device: torch.device, meter: Me
         path = Path(d) / "config.json"
         path.write_text(json.dumps(model_config))
         cfg = config.replace(model=str(path))
-        # FSDP: built in host memory, then fully_shard moves only this rank's shards to the device.
+        # FSDP: built in host memory; fully_shard moves each module to the device as it shards it.
         model = steps.build_model(cfg, "cpu" if sharding is Sharding.FSDP else device)
     if sharding is Sharding.FSDP:
         distributed.shard(model, mesh)
