@@ -130,3 +130,199 @@ def _grouped_mm_output(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     else:
         size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
     return torch.empty(size, dtype=out_dtype or mat_a.dtype, device=mat_a.device)
+# ---- torch.distributed: the sharded step (trace and multi-process calibration) ----------------
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """A process group of `world_size` ranks in which this process is rank 0 and no collective
+    moves data: torch's `fake` backend with `torch.testing._internal.distributed.fake_pg.FakeStore`
+    (torch 2.13.0), as torch's own FSDPMemTracker tests run one rank of a sharded step."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a default process group already exists in this process")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def device_mesh(device_type: str, world_size: int):
+    """A 1-D mesh over every rank (`torch.distributed.device_mesh.init_device_mesh`, torch 2.13.0).
+    Built outside FakeTensorMode: it reads a tensor's value."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size,))
+
+
+def fully_shard(module, mesh) -> None:
+    """FSDP2 `torch.distributed.fsdp.fully_shard` with its defaults (reshard after forward) (torch 2.13.0)."""
+    from torch.distributed.fsdp import fully_shard as _fully_shard
+
+    _fully_shard(module, mesh=mesh)
+
+
+def is_dtensor_type(types) -> bool:
+    """True when a dispatch sees a DTensor (`torch.distributed.tensor.DTensor`, torch 2.13.0)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return any(t is DTensor for t in types)
+
+
+def local_tensor(t):
+    """A DTensor's shard on this rank (`DTensor._local_tensor`, torch 2.13.0); any other tensor itself.
+    The attribute, not `to_local()`: reading it runs no op under a dispatch mode."""
+    return getattr(t, "_local_tensor", t)
+
+
+def is_dtensor(t) -> bool:
+    """True for a DTensor (a parameter FSDP2 has sharded) (`torch.distributed.tensor.DTensor`, torch 2.13.0)."""
+    return hasattr(t, "_local_tensor") and hasattr(t, "placements")
+
+
+def shaped_as(local, like):
+    """`local`, a tensor shaped like `like`'s shard, as a DTensor sharded as `like` is
+    (`DTensor.from_local`, torch 2.13.0); `local` itself when `like` is a plain tensor."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def active_fake_mode():
+    """The FakeTensorMode in force now, or None (`torch._guards.active_fake_mode`, torch 2.13.0)."""
+    from torch._guards import active_fake_mode as _active
+
+    return _active()
+
+
+def is_wait_tensor(func) -> bool:
+    """`_c10d_functional.wait_tensor` (torch 2.13.0): on fake tensors its meta kernel returns a new
+    tensor where the eager op returns its input."""
+    import torch
+
+    return func is torch.ops._c10d_functional.wait_tensor.default
+
+
+@contextlib.contextmanager
+def storage_resizes(on_resize) -> Iterator[None]:
+    """Call `on_resize(storage)` after every `UntypedStorage.resize_` (torch 2.13.0).
+
+    FSDP2 frees an unsharded parameter by resizing its storage to 0 and brings it back by resizing it
+    to its size: neither is an op a dispatch mode sees (torch's own MemTracker patches it the same way).
+    """
+    import torch
+
+    original = torch.UntypedStorage.resize_
+
+    def resize_(storage, size):
+        out = original(storage, size)
+        on_resize(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original
+
+
+@contextlib.contextmanager
+def fsdp_collectives(region, before_reduce) -> Iterator[None]:
+    """Run FSDP2's all-gathers and reduce-scatters inside `region()`; `before_reduce(grads)` gets the
+    unsharded gradients each reduce-scatter consumes.
+
+    Wraps `FSDPParamGroup.unshard`, `.wait_for_unshard` (all-gather and copy-out into the unsharded
+    parameters) and `.post_backward` (reduce-scatter copy-in and output) of
+    `torch.distributed.fsdp._fully_shard._fsdp_param_group` (torch 2.13.0).
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    originals = {name: getattr(FSDPParamGroup, name) for name in ("unshard", "wait_for_unshard", "post_backward")}
+
+    def wrap(name):
+        original = originals[name]
+
+        def method(group, *args, **kwargs):
+            if name == "post_backward":
+                grads = []
+                for fp in group.fsdp_params:
+                    unsharded = getattr(fp, "_unsharded_param", None)
+                    if getattr(fp, "unsharded_accumulated_grad", None) is not None:
+                        grads.append(fp.unsharded_accumulated_grad)
+                    elif unsharded is not None and unsharded.grad is not None:
+                        grads.append(unsharded.grad)
+                before_reduce(grads)
+            with region():
+                return original(group, *args, **kwargs)
+        return method
+
+    for name in originals:
+        setattr(FSDPParamGroup, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(FSDPParamGroup, name, original)
+
+
+@contextlib.contextmanager
+def ddp_without_data_checks() -> Iterator[None]:
+    """Build DDP over fake tensors: skip its constructor's two reads of parameter values.
+
+    `torch.nn.parallel.distributed._verify_param_shape_across_processes` and `_sync_module_states`
+    (rank 0's weights broadcast to all) read data pointers, which fake tensors lack (torch 2.13.0).
+    Both run once, before the first step; neither keeps memory.
+    """
+    import torch.nn.parallel.distributed as ddp
+
+    originals = ddp._verify_param_shape_across_processes, ddp._sync_module_states
+    ddp._verify_param_shape_across_processes = lambda *args, **kwargs: None
+    ddp._sync_module_states = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ddp._verify_param_shape_across_processes, ddp._sync_module_states = originals
+
+
+class _KeptBuckets:
+    """A DDP reducer that keeps its first buckets: `Reducer._rebuild_buckets` (torch 2.13.0)
+    broadcasts the new bucket order, a read of tensor values that fake tensors lack."""
+
+    def __init__(self, reducer):
+        self._reducer = reducer
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+
+def keep_ddp_buckets(ddp) -> None:
+    """Skip DDP's one bucket rebuild after the first step (see `_KeptBuckets`). The rebuilt buckets
+    hold the same gradients in another order (every bucket 25 MiB, where the first was 1 MiB): the
+    same bytes in all, so what a rank keeps does not change."""
+    ddp.reducer = _KeptBuckets(ddp.reducer)
+
+
+def fake_allreduce_hook(process_group, bucket):
+    """DDP's default all-reduce hook (divide the bucket by the world size, all-reduce it in place),
+    returning a completed future: the fake process group's futures carry no value, which the
+    reducer rejects (`GradBucket.buffer`, `torch.futures.Future`, torch 2.13.0)."""
+    import torch
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(process_group))
+    dist.all_reduce(buffer, group=process_group)
+    done = torch.futures.Future()
+    done.set_result(buffer)
+    return done

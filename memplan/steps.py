@@ -262,10 +262,16 @@ def chunked_loss(model, kwargs: dict, chunks: int):
 
 
 def z_like(p):
-    """A direction z ~ N(0, 1) shaped like p, in its dtype and on its device (drawn from torch's seed)."""
+    """A direction z ~ N(0, 1) shaped like p, in its dtype and on its device (drawn from torch's seed).
+
+    For a sharded parameter (a DTensor, under FSDP) z is drawn for this rank's shard only, as a
+    sharded ZO step perturbs each rank's shard of the weights.
+    """
     import torch
 
-    return torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+    local = _compat.local_tensor(p.data)
+    z = torch.normal(mean=0, std=1, size=local.size(), device=local.device, dtype=local.dtype)
+    return _compat.shaped_as(z, p)
 
 
 def scalar(t) -> float:

@@ -20,6 +20,10 @@ guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps w
   16-bit copy the next matmul saves is the same), so saved bytes agree;
 - allocations inside kernels (cuBLAS workspace, flash-attention backward accumulators) are not op
   outputs and are seen by neither; the workspace comes from `memplan.overhead`.
+
+With --num-gpus N and fsdp or ddp, the trace is rank 0 of N in torch's fake process group
+(`memplan.distributed`): the model is wrapped as a trainer wraps it, collectives allocate their
+buffers but move nothing, and the bytes are that rank's. ZeRO (DeepSpeed) and offload are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.result import Category, Estimate, Phase, Tier
-from memplan.options import Attention, Config, Loss, Quant, Scheme
+from memplan.options import Attention, Config, Loss, Quant, Scheme, Sharding
 
 
 @dataclass
@@ -97,69 +101,74 @@ def trace_step(config: Config, *, real: bool = False,
     """
     import torch
 
-    from memplan._compat import fake_tensor_mode, grouped_mm_in_any_dtype, sdpa_masks_as_for_real_tensors
+    from memplan import _compat, distributed, methods
+    from memplan.analytic import not_modelled
     from memplan.steps import Step, build_model, make_batch, trainable
-    from memplan.tracker import LiveBytes
 
-    from memplan import methods
-    from memplan.sharding import is_plain
-
-    if not is_plain(config):
-        raise MemplanError("the trace runs one GPU's step: --num-gpus, --sharding and --offload are estimated "
-                           "by `memplan fit` (the analytic tier) only")
+    sharding = distributed.layout(config)
+    refuse = not_modelled(config) or distributed.trace_refusal(config)
+    if refuse:
+        raise MemplanError(refuse)
     spec = methods.get(config.method)
     why = spec.untraceable(config)
     if why and not real:
         raise MemplanError(why)
     cycle = spec.cycle(config)
     measured = min(cycle, MAX_CYCLE_STEPS)
-    if real:
-        torch.manual_seed(seed)
-        model, mode = build_model(config, "cpu"), contextlib.nullcontext()
-    else:
-        mode = fake_tensor_mode()()
-        model = fake_model(config, mode)
-    base = getattr(model, "config", None) or model.base_model.config
-    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
-    if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
-        piece = -(-rows // config.loss_chunks)
-        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
-    tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels))
-    seen: dict[int, object] = {}
-    for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:
-        seen.setdefault(id(t), t)
-    tracker.adopt(seen.values(), Category.WEIGHTS)
-    params = trainable(model)
-    total = sum(t.numel() for t in model.parameters())
-    n_train = sum(p.numel() for _, p in params)
-    label = ["warm-up"]
-    if on_phase is not None:
-        record = tracker.phase
+    with contextlib.ExitStack() as ranks:
+        mesh = None
+        if sharding is not Sharding.NONE:  # this process is rank 0 of num_gpus; collectives move nothing
+            ranks.enter_context(_compat.fake_process_group(config.num_gpus))
+            mesh = _compat.device_mesh("cpu", config.num_gpus)
+        if real:
+            torch.manual_seed(seed)
+            model, mode = build_model(config, "cpu"), contextlib.nullcontext()
+        else:
+            mode = _compat.fake_tensor_mode()()
+            model = fake_model(config, mode)
+        base = getattr(model, "config", None) or model.base_model.config
+        total = sum(t.numel() for t in model.parameters())
+        if sharding is Sharding.FSDP:
+            with mode:
+                distributed.shard(model, mesh)
+        tracker = _tracker(config, base, real=real, distributed=sharding is not Sharding.NONE)
+        seen: dict[int, object] = {}
+        for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:
+            seen.setdefault(id(t), t)
+        tracker.adopt(seen.values(), Category.WEIGHTS)
+        params = trainable(model)
+        n_train = sum(p.numel() for _, p in params)  # a DTensor's numel is the whole tensor's
+        label = ["warm-up"]
+        if on_phase is not None:
+            record = tracker.phase
 
-        def phase(ph: Phase) -> None:
-            record(ph)
-            on_phase(label[0], ph)
+            def phase(ph: Phase) -> None:
+                record(ph)
+                on_phase(label[0], ph)
 
-        tracker.phase = phase
-    try:
-        experts = contextlib.nullcontext() if real else grouped_mm_in_any_dtype()
-        with mode, experts, sdpa_masks_as_for_real_tensors():
-            step = Step(config, model, hooks=tracker, seed=seed)
-            with tracker:
-                batch = make_batch(config, model, seed=seed)
-                step(batch)
-                start = tracker.mark()
-                label[0] = "measured"
-                for _ in range(measured):  # one whole cycle of the method's steps
+            tracker.phase = phase
+        watch = distributed.watched(tracker) if sharding is not Sharding.NONE else contextlib.nullcontext()
+        experts = contextlib.nullcontext() if real else _compat.grouped_mm_in_any_dtype()
+        try:
+            with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), watch:
+                step = Step(config, model, hooks=tracker, seed=seed)
+                with tracker:
+                    if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
+                        with tracker.region(Category.COMMUNICATION):
+                            step.model = distributed.replicate(model, fake=True)  # the fake process group
+                    batch = make_batch(config, model, seed=seed)
                     step(batch)
-    except MemplanError:
-        raise
-    except Exception as e:  # an op the tracer (fake tensors) cannot follow
-        from memplan.errors import one_line
+                    start = tracker.mark()
+                    label[0] = "measured"
+                    for _ in range(measured):  # one whole cycle of the method's steps
+                        step(batch)
+        except MemplanError:
+            raise
+        except Exception as e:  # an op the tracer (fake tensors) cannot follow
+            from memplan.errors import one_line
 
-        raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
-                           f"{type(e).__name__}: {one_line(e)}") from None
+            raise MemplanError(f"cannot trace {config.model} {config.method.value}: "
+                               f"{type(e).__name__}: {one_line(e)}") from None
     warnings = list(step.warnings)
     if measured < cycle:
         warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
@@ -175,6 +184,19 @@ def _quant_state(config: Config, model) -> list:
     from memplan import quant
 
     return quant.state_tensors(model)
+
+
+def _tracker(config: Config, base, *, real: bool, distributed: bool):
+    """The live-bytes tracker for one step of `config` (which tensors are logits, what lives on the host)."""
+    from memplan.tracker import LiveBytes
+
+    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
+    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
+    if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
+        piece = -(-rows // config.loss_chunks)
+        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
+    return LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels),
+                     distributed=distributed)
 
 
 def _attention_warnings(config: Config, cfg) -> list[str]:

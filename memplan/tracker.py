@@ -26,6 +26,13 @@ counts them as CUDA would:
   buffer before `F.linear` (its unfused path, which it takes past a few rows), inside the op where
   no tracker sees it; the tracker counts that buffer alive while the op's output is made
   (`memplan.quant.gemm_4bit_scratch`).
+Under torch.distributed (`distributed=True`) three more things hold:
+- a DTensor op is let through (`NotImplemented`) so that DTensor runs it as ops on the local shard,
+  which are what is counted; the ops DTensor runs under its own FakeTensorMode to propagate shapes
+  allocate nothing and are skipped (the MemTracker of torch.distributed._tools does the same);
+- FSDP2 frees and re-allocates unsharded parameters by resizing their storage (not an op): a resize
+  ends the storage's record and, to a non-zero size, starts a new one;
+- `wait_tensor` returns its input, as it does eagerly (its fake kernel makes a new tensor).
 The step then names what it knows: `tag` (the storage had that role all its life: gradients,
 optimizer state) and `bind` (from now on: MeZO's new weight copy). Events are kept in order, so the
 peak and its breakdown are computed afterwards over any stretch (the measured step).
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memplan import _compat
 from memplan._compat import dispatch_mode_base, storage_key, tree_leaves
 from memplan.result import Category, Phase
 from memplan.overhead import round_block
@@ -82,8 +90,11 @@ class Peak:
 class LiveBytes(Hooks, dispatch_mode_base()):
     """A dispatch mode that counts every live storage; also the `Hooks` a step reports to."""
 
-    def __init__(self, *, logits_numels: tuple[int, ...] = (), vocab_size: int = 0, cuda_host: bool = False):
+    def __init__(self, *, logits_numels: tuple[int, ...] = (), vocab_size: int = 0, cuda_host: bool = False,
+                 distributed: bool = False):
         super().__init__()
+        self.distributed = distributed
+        self._fake_on_entry = None
         self.logits_numels, self.vocab_size = set(logits_numels), vocab_size
         self.cuda_host = cuda_host  # drop what lives in host memory on CUDA (Adam's step counters)
         self.live: dict[int, _Rec] = {}
@@ -93,9 +104,23 @@ class LiveBytes(Hooks, dispatch_mode_base()):
 
     # ---- the dispatch mode ----
 
+    def __enter__(self):
+        if self.distributed:
+            self._fake_on_entry = _compat.active_fake_mode()
+        return super().__enter__()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if self.distributed:
+            if _compat.is_dtensor_type(types):
+                return NotImplemented  # DTensor runs it on the local shard, through this mode again
+            if _compat.is_wait_tensor(func) and self._fake_on_entry is not None:
+                return args[0]
+            out = func(*args, **kwargs)
+            if _compat.active_fake_mode() is not self._fake_on_entry:
+                return out  # DTensor's shape propagation: nothing allocated
+        else:
+            out = func(*args, **kwargs)
         scratch = self._scratch(func, args, kwargs)
         inputs = None
         for t in tree_leaves(out):
@@ -143,6 +168,15 @@ class LiveBytes(Hooks, dispatch_mode_base()):
     def _resize(self, rec: _Rec, nbytes: int) -> None:
         rec.nbytes = nbytes
 
+    def resized(self, storage) -> None:
+        """A storage resized in place (FSDP2's free and re-allocation of unsharded parameters)."""
+        key = storage_key(storage)
+        old = self.live.get(key)
+        if old is not None:
+            self._free(key)
+        if storage.nbytes():  # (a second finalizer on the storage finds nothing left to free)
+            self._new(storage, key, self._regions[-1] if self._regions else _DEFAULT[self.current], "resize_")
+
     def _category(self, func, t, inputs) -> Category:
         recs = [self.live.get(k) for k in inputs]
         if func is torch.ops.aten._to_copy.default and recs and recs[0] is not None \
@@ -186,7 +220,7 @@ class LiveBytes(Hooks, dispatch_mode_base()):
     def _recs(self, tensors):
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                rec = self.live.get(storage_key(t.untyped_storage()))
+                rec = self.live.get(storage_key(_compat.local_tensor(t).untyped_storage()))
                 if rec is not None:
                     yield rec
 
@@ -212,7 +246,7 @@ class LiveBytes(Hooks, dispatch_mode_base()):
     def adopt(self, tensors, category: Category) -> None:
         """Count storages made before tracking began (the model's weights)."""
         for t in tensors:
-            st = t.untyped_storage()
+            st = _compat.local_tensor(t).untyped_storage()
             if storage_key(st) not in self.live:
                 self._new(st, storage_key(st), category, "adopt")
 

@@ -311,9 +311,13 @@ def test_gpu_sweep_has_a_line_per_sharding_mode():
     assert list(zo.peak_bytes) == ["fsdp"]
 
 
-def test_trace_refuses_layouts_for_now(run_cli):
-    code, _, err = run_cli("trace", "opt-125m", "-m", "zo-sgd", "--num-gpus", "2", "--sharding", "fsdp")
-    assert code == 2 and "estimated by `memplan fit`" in err
+def test_trace_refuses_zero_and_offload(run_cli):
+    # fsdp and ddp are traced (tests/test_sharded_trace.py); DeepSpeed cannot run on fake tensors.
+    code, _, err = run_cli("trace", "opt-125m", "-m", "zo-sgd", "--num-gpus", "2", "--sharding", "zero3")
+    assert code == 2 and "DeepSpeed ZeRO, which cannot run on fake tensors" in err
+    code, _, err = run_cli("trace", "opt-125m", "-m", "fo-adam", "--num-gpus", "2", "--sharding", "zero3",
+                           "--offload", "optimizer")
+    assert code == 2 and "--offload is not traced" in err
 
 
 def test_api_takes_layouts():

@@ -57,8 +57,8 @@ class CpuMeter(LiveBytes, Meter):
 
     name = "cpu-live-bytes"
 
-    def __init__(self, cap_bytes: int | None = None):
-        LiveBytes.__init__(self)
+    def __init__(self, cap_bytes: int | None = None, *, distributed: bool = False):
+        LiveBytes.__init__(self, distributed=distributed)
         self.cap_bytes = cap_bytes
         self.now = 0  # running total, for the cap (the reported peaks come from the tracker's replay)
         self._start = 0

@@ -11,7 +11,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-SCHEMA = 1  # version of the record layout
+# Version of the record layout. 2: `world_size` and `rank` (a multi-GPU configuration writes one
+# record per rank, each with its own peaks); a record without them (version 1) is one GPU, rank 0.
+SCHEMA = 2
+
+
+def world_of(record: dict) -> tuple[int, int]:
+    """(world size, rank) of a record; 1 and 0 for records written before multi-GPU runs."""
+    return int(record.get("world_size") or 1), int(record.get("rank") or 0)
 
 
 def _cut_torn_tail(fd: int) -> None:
@@ -35,9 +42,9 @@ def _cut_torn_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
-def append(path: str | Path, record: dict) -> None:
-    """Append one record as one complete line: a single write, flushed and fsynced."""
-    line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+def append(path: str | Path, *record: dict) -> None:
+    """Append records (one per rank of a multi-GPU run) as complete lines: a single write, flushed and fsynced."""
+    line = b"".join((json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n").encode() for r in record)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         import fcntl

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplan.calibration import grid as grid_mod
+from memplan import distributed
 from memplan.calibration import records
 from memplan.errors import MemplanError
 
@@ -176,6 +177,49 @@ class _SpawnExecutor:
 
 
 
+class _TorchrunExecutor:
+    """A multi-GPU configuration: `torchrun --standalone --nproc-per-node N`, one worker per rank,
+    each writing its own record (its rank, the world size, its own peaks). `--standalone` picks a
+    free port for the rendezvous, so runs side by side do not collide."""
+
+    def run(self, job: dict, settings: dict, timeout_s: float, nproc: int) -> list[dict]:
+        import signal
+
+        with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX + "ranks-") as d:
+            request = Path(d) / "request.json"
+            request.write_text(json.dumps({"jobs": [job], "settings": settings, "result_dir": d}))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   *WORKER, "--rank", str(request)]
+            env = {**_worker_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                    start_new_session=True)
+            try:
+                output, _ = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+                output, _ = proc.communicate()
+                return [{"status": "timeout", "error": f"no records from {nproc} ranks within {timeout_s:g} s",
+                         "world_size": nproc, "log_tail": (output or "")[-2000:]}]
+            recs = []
+            for rank in range(nproc):
+                try:
+                    recs.append(json.loads((Path(d) / f"rank{rank}.json").read_text())[0])
+                except (OSError, ValueError):
+                    tail = _tail(str(Path(d) / f"rank{rank}.log")) or (output or "")[-2000:]
+                    return [{"status": "error", "world_size": nproc,
+                             "error": f"torchrun exited with code {proc.returncode}; rank {rank} left no record",
+                             "log_tail": tail}]
+            return recs
+
+    def close(self) -> None:
+        pass
+
+
+def rank_key(key: str, rank: int) -> str:
+    """The record key of one rank: rank 0 keeps the configuration's key (so resume sees it)."""
+    return key if rank == 0 else grid_mod.stable_hash({"key": key, "rank": rank})
+
+
 def remove_stale_temp() -> None:
     """Remove the fork-server folders of runs that died without cleaning up (killed: no `finally`)."""
     for d in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
@@ -263,15 +307,22 @@ def run(grid: grid_mod.Grid, *, out: str | Path | None = None, device: str | Non
             if on_event:
                 on_event(Event("start", i, len(pending), job))
             payload = job.to_dict()
-            result = executor.run(payload, settings, timeout_s or grid.timeout_s)
-            if result.get("isolation_failed") or result.get("error") == "fork server died":
-                executor.close()  # CUDA leaked into the server, or it died: a fresh python per config
-                executor = _SpawnExecutor()
+            if distributed.layout(job.config) is not distributed.Sharding.NONE:  # one process per rank
+                results = _TorchrunExecutor().run(payload, settings, timeout_s or grid.timeout_s, job.config.num_gpus)
+                isolation = "torchrun"
+            else:
                 result = executor.run(payload, settings, timeout_s or grid.timeout_s)
-            rec = {"schema": records.SCHEMA, "key": key, "tier": "measured", "grid": grid.name,
-                   "device_id": device_id, "settings": settings,
-                   "isolation": "spawn" if isinstance(executor, _SpawnExecutor) else "fork", **payload, **result}
-            records.append(out, rec)  # (closing the file drops this run's claims: the result is in)
+                if result.get("isolation_failed") or result.get("error") == "fork server died":
+                    executor.close()  # CUDA leaked into the server, or it died: a fresh python per config
+                    executor = _SpawnExecutor()
+                    result = executor.run(payload, settings, timeout_s or grid.timeout_s)
+                results = [result]
+                isolation = "spawn" if isinstance(executor, _SpawnExecutor) else "fork"
+            recs = [{"schema": records.SCHEMA, "key": rank_key(key, result.get("rank", 0)), "tier": "measured",
+                     "grid": grid.name, "device_id": device_id, "settings": settings, "isolation": isolation,
+                     "world_size": job.config.num_gpus, "rank": 0, **payload, **result} for result in results]
+            records.append(out, *recs)  # (closing the file drops this run's claims: the results are in)
+            rec = recs[0]  # rank 0's (or the one error of a failed launch)
             summary.statuses[rec["status"]] = summary.statuses.get(rec["status"], 0) + 1
             if on_event:
                 on_event(Event("done", i, len(pending), job, rec))

@@ -8,6 +8,7 @@ one `MEMPLAN_RECORD {...}` line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from memplan import _compat
 from memplan._compat import cuda_in_bad_fork
 from memplan.calibration.meter import CpuMeter, CudaMeter, Meter
 from memplan.errors import one_line
@@ -39,21 +41,28 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_one(config: Config, model_config: dict, device: torch.device, meter: Meter, *,
-             warmup_steps: int, measured_steps: int, seed: int) -> dict:
+             warmup_steps: int, measured_steps: int, seed: int, mesh=None) -> dict:
     """Build the model and the step with the shared step code (`memplan.steps`) and run it.
 
     Returns the record fields the steps know (parameter counts, bytes after load, step times,
     notes); the caller adds the meter's readings.
     """
-    from memplan import steps
+    from memplan import distributed, steps
+    from memplan.options import Sharding
 
+    sharding = distributed.layout(config)
     with tempfile.TemporaryDirectory() as d:  # steps resolves models by name or config.json path
         path = Path(d) / "config.json"
         path.write_text(json.dumps(model_config))
         cfg = config.replace(model=str(path))
-        model = steps.build_model(cfg, device)
+        # FSDP: built in host memory; fully_shard moves each module to the device as it shards it.
+        model = steps.build_model(cfg, "cpu" if sharding is Sharding.FSDP else device)
+    if sharding is Sharding.FSDP:
+        distributed.shard(model, mesh)
     batch = steps.make_batch(cfg, model, device, seed=seed)
     run = steps.Step(cfg, model, on_phase=meter.on_phase, seed=seed)
+    if sharding is Sharding.DDP:  # its gradient buckets are allocated here
+        run.model = distributed.replicate(model)
     params, notes = [p for _, p in run.params], run.warnings
     _sync(device)
     load_bytes = meter.allocated_bytes()
@@ -117,8 +126,23 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def rank_of_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's environment, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local
+
+
 def run_job(job: dict, settings: dict) -> dict:
-    """Measure one configuration; out-of-memory and failures become records, never exceptions."""
+    """Measure one configuration; out-of-memory and failures become records, never exceptions.
+
+    A multi-GPU configuration runs in every process torchrun started, one rank each: the record is
+    this rank's (`rank`, `world_size`), its peaks measured on its own device (or, on the CPU, by its
+    own live-bytes meter).
+    """
+    from memplan import distributed
+
     t0 = time.time()
     device = torch.device(settings["device"])
     rec: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
@@ -126,11 +150,33 @@ def run_job(job: dict, settings: dict) -> dict:
         return {**rec, "status": "error", "isolation_failed": True,
                 "error": "CUDA was initialised in the fork server; rerun with --isolation spawn"}
     config = Config(**job["config"])
-    meter: Meter = CudaMeter(device) if device.type == "cuda" else CpuMeter(settings.get("cpu_cap_bytes"))
+    sharded = distributed.layout(config) is not distributed.Sharding.NONE
+    ranks = rank_of_env()
+    if sharded:
+        why = distributed.measure_refusal(config, ranks)
+        if why:
+            return {**rec, "status": "error", "error": why}
+        rank, world, local = ranks
+        rec.update(rank=rank, world_size=world)
+        if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                return {**rec, "status": "error", "error": f"--num-gpus {world} on one machine needs {world} GPUs; "
+                        f"this one has {torch.cuda.device_count()}"}
+            device = torch.device("cuda", local)
+    meter: Meter = CudaMeter(device) if device.type == "cuda" else \
+        CpuMeter(settings.get("cpu_cap_bytes"), distributed=sharded)
     try:
-        with meter:
+        with contextlib.ExitStack() as stack:
+            mesh = None
+            if sharded:
+                stack.enter_context(distributed.process_group(device))
+                # The rank mesh, a host tensor on any device, is made before the meter counts.
+                mesh = _compat.device_mesh(device.type, config.num_gpus)
+            stack.enter_context(meter)
+            if sharded and isinstance(meter, CpuMeter):
+                stack.enter_context(distributed.watched(meter))
             rec.update(_run_one(config, job["model_config"], device, meter, warmup_steps=settings["warmup_steps"],
-                                measured_steps=settings["measured_steps"], seed=settings.get("seed", 0)))
+                                measured_steps=settings["measured_steps"], seed=settings.get("seed", 0), mesh=mesh))
         rec["status"] = "ok"
     except torch.OutOfMemoryError as e:
         rec.update(status="oom", oom_phase=meter.current_phase.value, error=one_line(e, limit=500, with_type=True))
@@ -211,11 +257,31 @@ def serve() -> None:
         out.flush()
 
 
+def rank_main(request_path: str) -> None:
+    """One rank under torchrun: each job of `request_path` in turn (a process group each), this rank's
+    records to `<result_dir>/rank<RANK>.json` (a list) and its output to `rank<RANK>.log` beside it.
+    The runner sends one job per launch (a fresh process per configuration, as on one GPU); a list
+    of jobs saves the start-up of torch where the CPU meter, which starts empty per job, allows it."""
+    request = json.loads(Path(request_path).read_text())
+    rank = os.environ["RANK"]  # set by torchrun
+    out = Path(request["result_dir"])
+    log = os.open(out / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    recs = [run_job(job, request["settings"]) for job in request["jobs"]]
+    tmp = out / f"rank{rank}.json.part"
+    tmp.write_text(json.dumps(recs))
+    tmp.replace(out / f"rank{rank}.json")
+
+
 def main() -> None:
     """`python -m memplan.calibration.worker`: one job from stdin, one record line on stdout;
-    with `--serve`, the fork server."""
+    with `--serve`, the fork server; with `--rank REQUEST`, one rank of a torchrun launch."""
     if sys.argv[1:] == ["--serve"]:
         serve()
+        return
+    if sys.argv[1:2] == ["--rank"] and len(sys.argv) == 3:
+        rank_main(sys.argv[2])
         return
     request = json.loads(sys.stdin.read())
     rec = run_job(request["job"], request["settings"])

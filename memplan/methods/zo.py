@@ -25,6 +25,7 @@ The real step is composed from the helpers below (`perturb`, `projected_grad`, `
 
 from __future__ import annotations
 
+from memplan import _compat
 from memplan import analytic as a
 from memplan.methods import Family, MethodSpec, register
 from memplan.options import Config, Method, Perturbation, Scheme
@@ -104,7 +105,11 @@ def perturb(step, seed: int, scale: float) -> None:
     step.hooks.phase(Phase.PERTURB)
     mezo = step.config.perturbation is Perturbation.MEZO
     for p, z in directions(step, seed):
-        if mezo:
+        if mezo and _compat.is_dtensor(p):
+            # FSDP all-gathers from the shard's own storage: the new shard is written back into it
+            # (the same bytes at every moment as MeZO's assignment, which frees the old copy instead).
+            p.data.copy_(p.data + scale * z * step.eps)
+        elif mezo:
             p.data = p.data + scale * z * step.eps
             step.hooks.bind(Category.WEIGHTS, [p])
         else:
