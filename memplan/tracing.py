@@ -37,10 +37,14 @@ from memplan.options import Attention, Config, Loss, Scheme
 class Traced:
     """One traced (or real) step: the tracker's peak plus facts about the model."""
 
-    peak: object  # memplan.tracker.Peak
+    peak: object  # memplan.tracker.Peak; None for a symbolic trace (its peak depends on batch and seq)
     trainable_params: int
     total_params: int
     warnings: list[str]
+    tracker: object = None  # the LiveBytes that counted it (its events replay the step)
+    start: int = 0  # the measured step's first event
+    sizes: tuple = ()  # (batch, seq) as the step saw them: ints, or SymInts for a symbolic trace
+    shape_env: object = None
 
 MAX_CYCLE_STEPS = 8  # a method whose steps repeat every n: the trace measures n steps, at most this many
 
@@ -74,15 +78,20 @@ def fake_model(config: Config, fake_mode, device: str = "cpu"):
 
 
 def trace_step(config: Config, *, real: bool = False,
-               on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
+               on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0,
+               symbolic: bool = False) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
 
     real=True runs the same step on real CPU tensors (random weights), for fake-against-real checks.
     Fake tensors keep what CUDA would do where the CPU differs (host-side step counters).
+    symbolic=True makes batch and seq symbolic sizes (config.batch and config.seq are their hints):
+    every byte count becomes a formula of the two, and the caller replays `Traced.tracker`'s events
+    (`memplan.symbolic`); no peak is taken here, since comparing formulas would pin them.
     """
     import torch
 
-    from memplan._compat import fake_tensor_mode, sdpa_masks_as_for_real_tensors
+    from memplan._compat import (fake_tensor_mode, pad_without_pins, sdpa_masks_as_for_real_tensors,
+                                 symbolic_shape_env, symbolic_sizes)
     from memplan.steps import Step, build_model, make_batch, trainable
     from memplan.tracker import LiveBytes
 
@@ -101,14 +110,16 @@ def trace_step(config: Config, *, real: bool = False,
         torch.manual_seed(seed)
         model, mode = build_model(config, "cpu"), contextlib.nullcontext()
     else:
-        mode = fake_tensor_mode()()
+        mode = fake_tensor_mode()(shape_env=symbolic_shape_env()) if symbolic else fake_tensor_mode()()
         model = fake_model(config, mode)
+    sizes = symbolic_sizes(mode, config.batch, config.seq) if symbolic else (config.batch, config.seq)
+    b, seq = sizes
     base = getattr(model, "config", None) or model.base_model.config
-    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
+    rows = seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
+    numels = [b * rows * base.vocab_size, b * (rows - 1) * base.vocab_size]
     if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
         piece = -(-rows // config.loss_chunks)
-        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
+        numels += [b * piece * base.vocab_size, b * (rows % piece or piece) * base.vocab_size]
     tracker = LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels))
     seen: dict[int, object] = {}
     for t in [*model.parameters(), *model.buffers()]:
@@ -127,10 +138,10 @@ def trace_step(config: Config, *, real: bool = False,
 
         tracker.phase = phase
     try:
-        with mode, sdpa_masks_as_for_real_tensors():
+        with mode, sdpa_masks_as_for_real_tensors(), pad_without_pins(symbolic):
             step = Step(config, model, hooks=tracker, seed=seed)
             with tracker:
-                batch = make_batch(config, model, seed=seed)
+                batch = make_batch(config, model, seed=seed, shape=sizes if symbolic else None)
                 step(batch)
                 start = tracker.mark()
                 label[0] = "measured"
@@ -148,7 +159,9 @@ def trace_step(config: Config, *, real: bool = False,
         warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
                         f"{measured} after the warm-up, so a peak in a later one is not seen")
     warnings += _attention_warnings(config, base)
-    return Traced(tracker.peak(start), n_train, total, warnings)
+    peak = None if symbolic else tracker.peak(start)
+    return Traced(peak, n_train, total, warnings, tracker=tracker, start=start, sizes=sizes,
+                  shape_env=mode.shape_env if symbolic else None)
 
 
 def _attention_warnings(config: Config, cfg) -> list[str]:
