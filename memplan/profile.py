@@ -165,6 +165,15 @@ class Profile:
             raise MemplanError(f"{where}: not a memplan profile ({type(e).__name__}: {e})") from None
 
 
+def context_length(config_dict: dict, default: int = 2048) -> int:
+    """The longest sequence a model takes: its position table's size, else `default`."""
+    for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = config_dict.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
 # ---- where profiles live ----------------------------------------------------------------------
 
 

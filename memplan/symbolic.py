@@ -18,34 +18,30 @@ import time
 
 from memplan.errors import MemplanError
 from memplan.options import Config
-from memplan.profile import FORMAT, Profile, Regime, Row, installed_versions, options_of
+from memplan.profile import FORMAT, Profile, Regime, Row, context_length, installed_versions, options_of
 from memplan.result import Category, Phase
 
 MAX_BATCH = 1024
 MAX_TRACES = 6
-DEFAULT_CONTEXT = 2048
-
-
-def context_length(config_dict: dict) -> int:
-    """The longest sequence the model takes: its position table, else `DEFAULT_CONTEXT`."""
-    for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        v = config_dict.get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return DEFAULT_CONTEXT
+FAR_BATCH = 1 << 24
 
 
 def grid(context: int, max_batch: int = MAX_BATCH) -> list[tuple[int, int]]:
-    """(b, s) points the pruning looks at: powers of two and their midpoints, ragged lengths near each."""
-    def ladder(top: int) -> list[int]:
+    """(b, s) points the pruning looks at: up to `max_batch` and the context length, powers of two,
+    their midpoints and the lengths beside each; beyond them, powers of two (a max-batch search goes
+    to 2^24, a long-context model past its table) up to `FAR_BATCH` and 4x the context."""
+    def ladder(top: int, far: int) -> list[int]:
         out = {1, 2, 3, top}
         p = 4
         while p <= top:
             out.update((p, p + p // 2, p - 1, p + 1))
             p *= 2
-        return sorted(n for n in out if 1 <= n <= top)
+        while p <= far:
+            out.add(p)
+            p *= 2
+        return sorted(n for n in out if 1 <= n <= max(top, far))
 
-    return [(b, s) for b in ladder(max_batch) for s in ladder(context)]
+    return [(b, s) for b in ladder(max_batch, FAR_BATCH) for s in ladder(context, 4 * context)]
 
 
 # ---- formulas ----------------------------------------------------------------------------------
@@ -144,6 +140,10 @@ def python(expr, names: dict) -> str:
     return go(expr)
 
 
+class Pinned(MemplanError):
+    """The step read a symbolic size as a concrete number (forward-grad does): no formula comes out."""
+
+
 # ---- one regime --------------------------------------------------------------------------------
 
 
@@ -203,13 +203,21 @@ def _prune(rows, term_texts: list[str], points: list[tuple[int, int]]) -> list[i
         for v in cats.values():
             for i, k in v.items():
                 totals[j, i] += k
-    scores = values @ totals.T  # points x rows
-    keep = set(np.argmax(scores, axis=1).tolist())
     phases = np.array([list(Phase).index(ph) for ph, _ in rows])
-    for p in set(phases.tolist()):
-        cols = np.flatnonzero(phases == p)
-        keep.update(cols[np.argmax(scores[:, cols], axis=1)].tolist())
-    return sorted(keep)
+    best = {}  # phase (-1: any) -> (score at each point, its row)
+    for lo in range(0, len(rows), 4096):  # points x 4096 rows at a time: bounded memory at full depth
+        scores = values @ totals[lo:lo + 4096].T
+        for p in [-1, *set(phases[lo:lo + 4096].tolist())]:
+            cols = np.arange(scores.shape[1]) if p < 0 else np.flatnonzero(phases[lo:lo + 4096] == p)
+            arg = cols[np.argmax(scores[:, cols], axis=1)]
+            top = scores[np.arange(len(points)), arg]
+            if p not in best:
+                best[p] = (top, arg + lo)
+            else:
+                old, rows_ = best[p]
+                better = top > old
+                best[p] = (np.where(better, top, old), np.where(better, arg + lo, rows_))
+    return sorted({int(j) for _, js in best.values() for j in js})
 
 
 # ---- the profile -------------------------------------------------------------------------------
@@ -239,9 +247,13 @@ def trace_profile(cfg: Config, *, max_batch: int = MAX_BATCH, context: int | Non
         start = time.perf_counter()
         traced = trace_step(cfg.model_copy(update={"batch": hint[0], "seq": hint[1]}), symbolic=True)
         names = {}
-        for letter, size in zip(("b", "s"), traced.sizes):
+        for letter, size, want in zip(("b", "s"), traced.sizes, hint):
             if not isinstance(size, int):
                 names[size.node.expr] = letter
+                pinned = traced.shape_env.replace(size.node.expr)
+                if pinned.is_Integer:
+                    raise Pinned(f"{cfg.method.value} pins {'batch' if letter == 'b' else 'seq'} to its "
+                                 f"hint {want}: its step does not trace symbolically")
         when = _regime_condition(traced, names)
         rows = _rows(traced, terms, names)
         from memplan.profile import evaluate
@@ -280,4 +292,19 @@ def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced) -> Profile:
                    total_params=traced.total_params, warnings=tuple(traced.warnings))
 
 
-__all__ = ["FORMAT", "trace_profile", "grid", "context_length", "python"]
+
+
+def build_profile(cfg: Config, *, log=None) -> Profile:
+    """The profile of `cfg`: one symbolic trace per regime, or for a step that pins batch or seq
+    (forward-grad's dual tensors do) the probe's fit over concrete traces (`memplan.probe`)."""
+    from memplan import methods
+    from memplan.probe import probe_profile
+
+    if methods.get(cfg.method).family is methods.Family.FG:  # known to pin: skip the wasted trace
+        return probe_profile(cfg, log=log)
+    try:
+        return trace_profile(cfg, log=log)
+    except Pinned as e:
+        if log:
+            log(f"{e}; probing instead")
+        return probe_profile(cfg, log=log)
