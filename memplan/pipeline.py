@@ -114,6 +114,9 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
     if prof is None:
         return None
     peak = prof.peak(cfg.batch, cfg.seq)
+    if peak is None and not hand and prof.source == "symbolic" and _have_torch():
+        prof = make_profile(cfg, spec, into=prof)  # trace the regime this point lies in, and keep it
+        peak = prof.peak(cfg.batch, cfg.seq)
     if peak is None:
         if hand:
             return None
@@ -125,20 +128,29 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
                       host_bytes=analytic.host_bytes(cfg, spec) if hand else 0)
 
 
-def make_profile(cfg: Config, spec) -> profile.Profile:
-    """Trace the configuration's profile (torch) and cache it; without torch, say what to install."""
+def _have_torch() -> bool:
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
-                           f"{spec.model_type!r}; they are traced once and cached, which needs torch: "
-                           f"pip install 'memplan[torch]'")
-    from memplan.symbolic import build_profile
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None) -> profile.Profile:
+    """Trace the configuration's profile (torch) and cache it; without torch, say what to install.
+    `into`: a stored profile to extend with the regime of (cfg.batch, cfg.seq)."""
+    from memplan import arch
+
+    if not _have_torch():
+        if arch.find(spec.model_type) is None:
+            raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
+                               f"{spec.model_type!r}; they are traced once and cached, which needs torch: "
+                               f"pip install 'memplan[torch]'")
+        raise MemplanError(f"{spec.name}: tracing a profile needs torch: pip install 'memplan[torch]'")
+    from memplan.symbolic import build_profile, trace_profile
 
     refuse = analytic.not_modelled(cfg)
     if refuse:
         raise MemplanError(refuse)
-    prof = build_profile(cfg)
+    prof = trace_profile(cfg, into=into, at=(cfg.batch, cfg.seq)) if into else build_profile(cfg)
     profile.store(spec.config, cfg, prof)
     return prof
 

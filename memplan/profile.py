@@ -23,8 +23,6 @@ Profiles are found in the user cache folder and in the package's `data/profiles`
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,20 +35,22 @@ from memplan.result import Category, Phase
 FORMAT = 1
 SHIPPED = Path(__file__).with_name("data") / "profiles"
 _NAMES = ("b", "s")
-_OPS = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Constant, ast.Name, ast.Load,
-        ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
-        ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 
 
 @lru_cache(maxsize=4096)
 def formula(text: str):
     """The compiled code of a formula over b and s; MemplanError for anything but integer arithmetic."""
+    import ast  # only where a profile is read: `fit` without one imports nothing more
+
+    ops = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Constant, ast.Name, ast.Load,
+           ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
+           ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
         raise MemplanError(f"profile formula {text!r} is not an expression") from None
     for node in ast.walk(tree):
-        if not isinstance(node, _OPS) or isinstance(node, ast.Name) and node.id not in _NAMES \
+        if not isinstance(node, ops) or isinstance(node, ast.Name) and node.id not in _NAMES \
                 or isinstance(node, ast.Constant) and (type(node.value) is not int):
             raise MemplanError(f"profile formula {text!r}: only integers, b, s and + - * // % ** and comparisons")
     return compile(tree, "<profile>", "eval")
@@ -199,6 +199,8 @@ def key(config_dict: dict, cfg) -> str:
         return hit[1]
     text = json.dumps({"config": config_dict, "options": options_of(cfg), "format": FORMAT}, sort_keys=True,
                       default=str)
+    import hashlib
+
     stem = hashlib.sha256(text.encode()).hexdigest()[:24]
     _KEYS[memo] = (config_dict, stem)
     return stem

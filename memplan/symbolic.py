@@ -67,9 +67,9 @@ class _Vec(dict):
 class _Terms:
     """Turns the sympy expressions of a trace into term vectors over b and s (shared by its regimes)."""
 
-    def __init__(self):
-        self.texts: list[str] = ["1"]
-        self.index: dict[str, int] = {"1": 0}
+    def __init__(self, texts=()):
+        self.texts: list[str] = list(texts) if "1" in texts else ["1", *texts]
+        self.index: dict[str, int] = {t: i for i, t in enumerate(self.texts)}
         self.memo: dict = {}
 
     def vec(self, n, names: dict) -> _Vec:
@@ -79,7 +79,7 @@ class _Terms:
 
         expr = size_key(n)
         if isinstance(expr, int):
-            return _Vec({0: expr}) if expr else _Vec()
+            return _Vec({self.index["1"]: expr}) if expr else _Vec()
         hit = self.memo.get(expr)
         if hit is not None:
             return hit
@@ -223,27 +223,31 @@ def _prune(rows, term_texts: list[str], points: list[tuple[int, int]]) -> list[i
 # ---- the profile -------------------------------------------------------------------------------
 
 
-def trace_profile(cfg: Config, *, max_batch: int = MAX_BATCH, context: int | None = None,
+def trace_profile(cfg: Config, *, into: Profile | None = None, at: tuple[int, int] | None = None,
+                  min_seq: int = 2, max_batch: int = MAX_BATCH, context: int | None = None,
                   max_traces: int = MAX_TRACES, log=None) -> Profile:
-    """The profile of `cfg` (its batch and seq are ignored): symbolic traces until the (b, s) grid is covered."""
+    """The profile of `cfg` (its batch and seq are ignored): symbolic traces until the (b, s) grid with
+    s >= `min_seq` is covered. `into`: a profile to extend with the regime of the point `at` (a query
+    that fell outside its regimes). Sequences of 1 token are left to such a later extension: each
+    regime costs a trace of the whole model."""
     from memplan.build import model_config_dict
+    from memplan.profile import evaluate
     from memplan.tracing import trace_step
 
     name, config_dict = model_config_dict(cfg.model)
     context = context or context_length(config_dict)
-    points = grid(context, max_batch)
-    terms = _Terms()
-    regimes: list[tuple[str, list]] = []
-    uncovered = list(points)
-    hints = [(1, min(512, context)), (min(4, max_batch), min(512, context))]
+    points = [p for p in grid(context, max_batch) if p[1] >= min_seq]
+    terms = _Terms(into.terms if into else ())
+    regimes = [(r.when, [(row.phase, {c: _Vec(dict(v)) for c, v in row.bytes.items()}) for row in r.rows])
+               for r in into.regimes] if into else []
+    uncovered = [p for p in points if _holds_none(p, regimes)] if at is None else []
+    hints = [at] if at else [(1, min(512, context)), (min(4, max_batch), min(512, context))]
     traced = None
     for _ in range(max_traces):
-        if not uncovered:
+        hint = next((h for h in hints if _holds_none(h, regimes)), None)
+        if hint is None and not uncovered:
             break
-        hint = next((h for h in hints if h in uncovered or _holds_none(h, regimes)), None)
         hint = hint or uncovered[len(uncovered) // 2]
-        if hint in hints:
-            hints.remove(hint)
         start = time.perf_counter()
         traced = trace_step(cfg.model_copy(update={"batch": hint[0], "seq": hint[1]}), symbolic=True)
         names = {}
@@ -255,21 +259,18 @@ def trace_profile(cfg: Config, *, max_batch: int = MAX_BATCH, context: int | Non
                     raise Pinned(f"{cfg.method.value} pins {'batch' if letter == 'b' else 'seq'} to its "
                                  f"hint {want}: its step does not trace symbolically")
         when = _regime_condition(traced, names)
-        rows = _rows(traced, terms, names)
-        from memplan.profile import evaluate
-
-        mine = [p for p in uncovered if evaluate(when, *p)]
-        if hint not in mine:  # the trace's own hint must lie in its regime, or the guards are wrong
+        if not evaluate(when, *hint):  # the trace's own hint must lie in its regime, or the guards are wrong
             raise MemplanError(f"symbolic trace of {name}: its regime {when} excludes its hint {hint}")
-        kept = _prune(rows, terms.texts, [p for p in points if evaluate(when, *p)])
+        rows = _rows(traced, terms, names)
+        kept = _prune(rows, terms.texts, [p for p in [*points, hint] if evaluate(when, *p)])
         regimes.append((when, [rows[i] for i in kept]))
-        uncovered = [p for p in uncovered if p not in set(mine)]
+        uncovered = [p for p in uncovered if not evaluate(when, *p)]
         if log:
             log(f"traced {name} at b={hint[0]}, s={hint[1]} in {time.perf_counter() - start:.1f} s: "
                 f"{len(rows)} moments, {len(kept)} kept, regime {when}")
-    if traced is None:
+    if traced is None and into is None:
         raise MemplanError(f"symbolic trace of {name}: nothing to trace")
-    return _profile(name, cfg, terms, regimes, traced)
+    return _profile(name, cfg, terms, regimes, traced, into)
 
 
 def _holds_none(point, regimes) -> bool:
@@ -278,7 +279,7 @@ def _holds_none(point, regimes) -> bool:
     return not any(evaluate(when, *point) for when, _ in regimes)
 
 
-def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced) -> Profile:
+def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced, into: Profile | None) -> Profile:
     """Keep only the terms the kept rows use, renumbered."""
     used = sorted({i for _, rows in regimes for _, cats in rows for v in cats.values() for i in v})
     new = {old: n for n, old in enumerate(used)}
@@ -287,9 +288,10 @@ def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced) -> Profile:
         out.append(Regime(when, tuple(
             Row(phase, {c: tuple(sorted((new[i], k) for i, k in v.items())) for c, v in cats.items()})
             for phase, cats in rows)))
+    facts = traced or into
     return Profile(tuple(terms.texts[i] for i in used), tuple(out), model=name, options=options_of(cfg),
-                   versions=installed_versions(), source="symbolic", trainable_params=traced.trainable_params,
-                   total_params=traced.total_params, warnings=tuple(traced.warnings))
+                   versions=installed_versions(), source="symbolic", trainable_params=facts.trainable_params,
+                   total_params=facts.total_params, warnings=tuple(facts.warnings))
 
 
 
