@@ -45,19 +45,20 @@ FAMILIES = {
 EAGER_ONLY = {"gemma2"}  # transformers has no sdpa for it
 LORA_TARGETS = {"phi3": ("qkv_proj",), "olmo2": ("q_proj", "v_proj"), "granite": ("q_proj", "v_proj")}
 METHODS = (("fo-adam", "ft"), ("fo-sgd", "lora"), ("zo-sgd", "ft"), ("zo-adam", "ft"), ("forward-grad", "ft"))
-DTYPES = ("fp32", "bf16", "amp-bf16")
 POINTS = ((1, 4096), (4, 1000), (8, 2048), (64, 64), (3, 333))
 QUICK_POINTS = ((1, 4096), (8, 2048), (3, 333))
 
 
 def cells(families, quick: bool):
-    for fam in families:
-        for method, scheme in METHODS:
-            for dtype in DTYPES:
-                for attention in ("eager",) if fam in EAGER_ONLY else ("eager", "sdpa"):
-                    if quick and (dtype, attention) not in (("bf16", "sdpa"), ("bf16", "eager"), ("amp-bf16", "eager")):
-                        continue
-                    yield fam, method, scheme, dtype, attention
+    """Kernel and dtype outermost, so a partial run covers every family and method at bf16 first."""
+    combos = [("bf16", "sdpa"), ("bf16", "eager"), ("amp-bf16", "eager"), ("fp32", "sdpa"), ("fp32", "eager"),
+              ("amp-bf16", "sdpa")]
+    for dtype, attention in combos[:3] if quick else combos:
+        for fam in families:
+            if attention == "sdpa" and fam in EAGER_ONLY:
+                continue
+            for method, scheme in METHODS:
+                yield fam, method, scheme, dtype, attention
 
 
 def _config_dir(family: str, root: Path) -> Path:

@@ -248,3 +248,23 @@ def test_shipped_llama_2_7b_profiles_give_the_full_depth_trace(method):
     tensor = est.peak_allocated_bytes - est.components[Category.WORKSPACE]
     assert not AnalyticTier().tensor_peak(cfg, None, None).workspace_counted  # profile-backed
     assert abs(tensor - rec["trace_bytes"]) <= rec["bound"] * rec["trace_bytes"]
+
+
+def test_profile_command_caches_what_fit_then_reads(tiny_dir, capsys):
+    from memplan.cli import main
+    from memplan.tracing import trace
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", tiny_dir[0], "-m", "zo-adam", "--dtype", "bf16", "--json"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)["profiles"]
+    assert [p["method"] for p in out] == ["zo-adam"] and out[0]["source"] == "symbolic"
+    from pathlib import Path
+
+    assert Path(out[0]["path"]).is_file() and Path(out[0]["path"]).parent == profile.cache_dir()
+    with pytest.raises(SystemExit) as e:
+        main(["fit", tiny_dir[0], "-m", "zo-adam", "--dtype", "bf16", "--batch", "6", "--seq", "45", "--json"])
+    fitted = json.loads(capsys.readouterr().out)["estimates"][0]
+    traced = trace(Config(model=tiny_dir[0], method="zo-adam", dtype="bf16", batch=6, seq=45))
+    assert fitted["peak_allocated_bytes"] == traced.peak_allocated_bytes
+    assert fitted["components"] == {c.value: n for c, n in traced.components.items()}
