@@ -298,7 +298,8 @@ def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced, into: Profi
 
 def build_profile(cfg: Config, *, log=None) -> Profile:
     """The profile of `cfg`: one symbolic trace per regime, or for a step that pins batch or seq
-    (forward-grad's dual tensors do) the probe's fit over concrete traces (`memplan.probe`)."""
+    (forward-grad's dual tensors do) or fails on symbolic sizes, the probe's fit over concrete traces
+    (`memplan.probe`); a step that cannot be traced at all raises the probe's error."""
     from memplan import methods
     from memplan.probe import probe_profile
 
@@ -306,7 +307,7 @@ def build_profile(cfg: Config, *, log=None) -> Profile:
         return probe_profile(cfg, log=log)
     try:
         return trace_profile(cfg, log=log)
-    except Pinned as e:
+    except MemplanError as e:  # pinned, or an op that takes no symbolic size (bert's token-type buffer)
         if log:
             log(f"{e}; probing instead")
         return probe_profile(cfg, log=log)

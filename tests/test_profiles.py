@@ -39,16 +39,33 @@ def tiny_dir(tmp_path_factory):
     return str(d), str(m)
 
 
+@pytest.fixture(scope="module")
+def profiles(tiny_dir):
+    """Symbolic profiles of the tiny models, built once per module: {(which, method, dtype, attention): Profile}."""
+    from memplan.symbolic import trace_profile
+
+    made = {}
+
+    def get(which, method, dtype, attention):
+        k = (which, method, dtype, attention)
+        if k not in made:
+            made[k] = trace_profile(Config(model=tiny_dir[which], method=method, dtype=dtype, attention=attention))
+        return made[k]
+
+    return get
+
+
 @pytest.mark.parametrize("which, method, dtype, attention, points", [
-    (0, "fo-adam", "bf16", "sdpa", [(1, 1), (1, 37), (2, 64), (5, 23)]),
-    (0, "zo-sgd", "amp-bf16", "eager", [(1, 50), (3, 2), (7, 33)]),
-    (1, "fo-sgd", "bf16", "sdpa", [(1, 9), (1, 40), (3, 15), (3, 16), (2, 47)]),  # both sides of the window
+    (0, "fo-adam", "bf16", "sdpa", [(1, 1), (1, 37), (5, 23)]),
+    (0, "zo-sgd", "amp-bf16", "eager", [(1, 50), (7, 33)]),
+    (1, "fo-sgd", "bf16", "sdpa", [(1, 9), (1, 40), (3, 15), (2, 47)]),  # both sides of the window
 ])
-def test_symbolic_profile_replays_concrete_traces_byte_for_byte(tiny_dir, which, method, dtype, attention, points):
+def test_symbolic_profile_replays_concrete_traces_byte_for_byte(tiny_dir, profiles, which, method, dtype,
+                                                                 attention, points):
     from memplan.symbolic import trace_profile
 
     cfg = Config(model=tiny_dir[which], method=method, dtype=dtype, attention=attention)
-    prof = trace_profile(cfg)
+    prof = profiles(which, method, dtype, attention)
     assert prof.source == "symbolic" and len(prof.to_json()) < 12_000
     if any(s == 1 for _, s in points):  # one-token sequences are a regime traced when first asked for
         assert prof.peak(1, 1) is None
@@ -64,11 +81,8 @@ def test_symbolic_profile_replays_concrete_traces_byte_for_byte(tiny_dir, which,
         assert any("s >= 16" in r.when for r in prof.regimes)
 
 
-def test_profile_round_trips_through_json(tiny_dir):
-    from memplan.symbolic import trace_profile
-
-    cfg = Config(model=tiny_dir[0], method="zo-sgd", dtype="bf16")
-    prof = trace_profile(cfg)
+def test_profile_round_trips_through_json(profiles):
+    prof = profiles(0, "zo-sgd", "amp-bf16", "eager")
     again = profile.Profile.from_json(prof.to_json())
     assert again == prof
     assert again.peak(4, 33) == prof.peak(4, 33)
@@ -81,7 +95,7 @@ def test_probe_fits_forward_grad_within_its_bound(tiny_dir):
     cfg = Config(model=tiny_dir[0], method="forward-grad", dtype="bf16", attention="eager")
     prof = build_profile(cfg)
     assert prof.source == "probe"
-    for b, s in [(1, 40), (3, 24), (6, 64)]:
+    for b, s in [(1, 40), (6, 64)]:
         want, got = _trace(cfg, b, s), prof.peak(b, s)
         assert abs(got.allocated - want.allocated) <= 0.01 * want.allocated, (b, s, got.allocated, want.allocated)
         assert got.phase == want.phase
