@@ -29,7 +29,8 @@ RECORDS = ROOT / "calibration" / "profiles-vs-trace.jsonl"
 TARGETS = {"symbolic": (0.005, 0.02), "probe": (0.02, 0.05)}  # (median, worst) |error|
 
 _SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # special tokens inside the small vocabulary
 # Shrunk configs: each family's own code at small widths (fake tensors cost the same at any width,
 # so small widths keep the grid fast; depth 2 keeps the layer-to-layer pattern).
 FAMILIES = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from memplan import analytic, corrections, hardware, profile
+from memplan import analytic, arch, corrections, hardware, profile
 from memplan.errors import MemplanError
 from memplan.options import Config
 from memplan.overhead import add_overheads, workspace_bytes
@@ -66,7 +66,6 @@ class ConfigOnly:
 def model_of(model: str) -> ModelSpec | ConfigOnly:
     """The spec of what the user typed; for a config.json of a type without a tensor table, its config
     alone (estimated from a traced profile)."""
-    from memplan import arch
     from memplan.build import model_config_dict
 
     try:
@@ -80,8 +79,6 @@ def model_of(model: str) -> ModelSpec | ConfigOnly:
 
 def hand_formulas(spec) -> bool:
     """Whether memplan has closed-form activations for the spec's family (`memplan.arch`)."""
-    from memplan import arch
-
     return isinstance(spec, ModelSpec) and arch.find(spec.model_type) is not None
 
 
@@ -137,8 +134,6 @@ def _have_torch() -> bool:
 def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None) -> profile.Profile:
     """Trace the configuration's profile (torch) and cache it; without torch, say what to install.
     `into`: a stored profile to extend with the regime of (cfg.batch, cfg.seq)."""
-    from memplan import arch
-
     if not _have_torch():
         if arch.find(spec.model_type) is None:
             raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "

@@ -189,11 +189,18 @@ def options_of(cfg) -> dict:
 _KEYS: dict[tuple, tuple[dict, str]] = {}
 
 
+@lru_cache(maxsize=None)
+def _key_fields(config_type) -> tuple[int, ...]:
+    """Positions of the Config fields a profile depends on (all but model, batch and seq)."""
+    return tuple(i for i, k in enumerate(config_type.model_fields) if k not in ("model", "batch", "seq"))
+
+
 def key(config_dict: dict, cfg) -> str:
     """The file name stem of a configuration's profile: a hash of the model's config dict, the options
     and the profile format. (The torch and transformers versions are checked inside the file.)"""
     # Sweeps ask for thousands of (batch, seq) of one configuration: hash each once.
-    memo = (id(config_dict), *((k, v) for k, v in cfg.__dict__.items() if k not in ("model", "batch", "seq")))
+    values = tuple(cfg.__dict__.values())
+    memo = (id(config_dict), *(values[i] for i in _key_fields(type(cfg))))
     hit = _KEYS.get(memo)
     if hit is not None and hit[0] is config_dict:
         return hit[1]
