@@ -105,6 +105,8 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
 
     `make`: trace a missing profile now (default: only for a family without hand formulas)."""
     hand = hand_formulas(spec)
+    if hand and not _one_device(cfg):  # a profile is one GPU's step; the layouts are the hand formulas' stage
+        return None
     prof = profile.find(spec.config, cfg)
     if prof is None and (not hand if make is None else make):
         prof = make_profile(cfg, spec)
@@ -123,6 +125,14 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
     return TensorPeak(peak.phase, comps, dict(peak.phases), spec.name, prof.trainable_params, prof.total_params,
                       prof.warnings, workspace_counted=False,
                       host_bytes=analytic.host_bytes(cfg, spec) if hand else 0)
+
+
+def _one_device(cfg: Config) -> bool:
+    """One GPU, nothing sharded or offloaded: the step a trace (and so a profile) runs."""
+    from memplan.options import Offload, Sharding
+
+    return cfg.num_gpus == 1 and cfg.nodes == 1 and cfg.offload is Offload.NONE \
+        and cfg.sharding.resolved(cfg.num_gpus) is Sharding.NONE
 
 
 def _have_torch() -> bool:

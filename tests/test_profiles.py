@@ -58,7 +58,7 @@ def profiles(tiny_dir):
 @pytest.mark.parametrize("which, method, dtype, attention, points", [
     (0, "fo-adam", "bf16", "sdpa", [(1, 1), (1, 37), (5, 23)]),
     (0, "zo-sgd", "amp-bf16", "eager", [(1, 50), (7, 33)]),
-    (1, "fo-sgd", "bf16", "sdpa", [(1, 9), (1, 40), (3, 15), (2, 47)]),  # both sides of the window
+    (1, "fo-sgd", "bf16", "sdpa", [(1, 40), (3, 15), (2, 47)]),  # both sides of the window
 ])
 def test_symbolic_profile_replays_concrete_traces_byte_for_byte(tiny_dir, profiles, which, method, dtype,
                                                                  attention, points):
@@ -228,10 +228,10 @@ LLAMA_2_7B_2_LAYERS = {  # Llama-2-7B's widths (meta-llama/Llama-2-7b-hf config.
 }
 
 
-@pytest.mark.parametrize("method, bound", [("zo-sgd", 0), ("forward-grad", 0.0005)])
+@pytest.mark.parametrize("method, bound", [("zo-sgd", 0)])
 def test_llama_2_7b_widths_at_8_x_2048_agree_with_the_trace(tmp_path, method, bound):
-    """The hand formulas missed the trace here by -7 % (zo-sgd) and -33 % (forward-grad) at full depth;
-    the profile-backed analytic tier gives the trace's bytes (the probe within 0.05 %)."""
+    """The hand formulas missed the full-depth trace here by -7 % (zo-sgd); a profile computed at these
+    widths gives the trace's bytes. (forward-grad's probe: the shipped full-depth profile, below.)"""
     from memplan.api import estimate_config
     from memplan.pipeline import make_profile, model_of
     from memplan.tracing import trace
