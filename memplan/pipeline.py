@@ -109,12 +109,12 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
         return None
     prof = profile.find(spec.config, cfg)
     if prof is None and (not hand if make is None else make):
-        prof = make_profile(cfg, spec)
+        prof = make_profile(cfg, spec, at=(cfg.batch, cfg.seq))
     if prof is None:
         return None
     peak = prof.peak(cfg.batch, cfg.seq)
     if peak is None and not hand and prof.source == "symbolic" and _have_torch():
-        prof = make_profile(cfg, spec, into=prof)  # trace the regime this point lies in, and keep it
+        prof = make_profile(cfg, spec, into=prof, at=(cfg.batch, cfg.seq))  # trace its regime, keep it
         peak = prof.peak(cfg.batch, cfg.seq)
     if peak is None:
         if hand:
@@ -141,21 +141,23 @@ def _have_torch() -> bool:
     return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
 
 
-def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None) -> profile.Profile:
+def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None,
+                 at: tuple[int, int] | None = None) -> profile.Profile:
     """Trace the configuration's profile (torch) and cache it; without torch, say what to install.
-    `into`: a stored profile to extend with the regime of (cfg.batch, cfg.seq)."""
+    `at`: only the regime of that (batch, seq) for now (`into`: added to a stored profile); default:
+    every regime of the (batch, seq) grid."""
     if not _have_torch():
         if arch.find(spec.model_type) is None:
             raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
                                f"{spec.model_type!r}; they are traced once and cached, which needs torch: "
                                f"pip install 'memplan[torch]'")
         raise MemplanError(f"{spec.name}: tracing a profile needs torch: pip install 'memplan[torch]'")
-    from memplan.symbolic import build_profile, trace_profile
+    from memplan.symbolic import build_profile
 
     refuse = analytic.not_modelled(cfg)
     if refuse:
         raise MemplanError(refuse)
-    prof = trace_profile(cfg, into=into, at=(cfg.batch, cfg.seq)) if into else build_profile(cfg)
+    prof = build_profile(cfg, into=into, at=at)
     profile.store(spec.config, cfg, prof)
     return prof
 

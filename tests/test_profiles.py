@@ -194,11 +194,18 @@ def test_unknown_type_traces_on_first_use_then_answers_from_the_cache(tmp_path, 
     profile._LOADED.clear()
     import memplan.symbolic
 
-    monkeypatch.setattr(memplan.symbolic, "build_profile", lambda *a, **k: pytest.fail("traced again"))
-    second = estimate_config(cfg.replace(batch=5, seq=33), search=False)
+    with monkeypatch.context() as m:
+        m.setattr(memplan.symbolic, "build_profile", lambda *a, **k: pytest.fail("traced again"))
+        second = estimate_config(cfg.replace(batch=5, seq=33), search=False)
     traced = trace(cfg.replace(batch=5, seq=33))
     assert second.peak_allocated_bytes == traced.peak_allocated_bytes
     assert second.components == traced.components and first.tier.value == "analytic"
+    # batch 1 is another regime: traced when first asked for, then kept in the cached file
+    (path,) = profile.cache_dir().glob("*.json")
+    assert len(json.loads(path.read_text())["regimes"]) == 1
+    third = estimate_config(cfg.replace(batch=1, seq=40), search=False)
+    assert third.peak_allocated_bytes == trace(cfg.replace(batch=1, seq=40)).peak_allocated_bytes
+    assert len(json.loads(path.read_text())["regimes"]) == 2
 
 
 def test_unknown_type_without_torch_says_what_to_install(tmp_path, monkeypatch):
