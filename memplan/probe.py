@@ -7,10 +7,10 @@ moment is fitted by least squares over a few traced points, its coefficients rou
 and the moments that can be the largest on the (b, s) grid are kept: the same `Profile` a symbolic
 trace gives, with `source: probe`.
 
-Regimes: b = 1 from s in {128, 256, 384, 512} with terms 1, s, s^2; b >= 2 from seven points with
-terms 1, s, s^2, b, b s, b s^2 (quadratic in s: eager attention scores). Points are scaled down
-for a model with a shorter context. Sequence-length edges inside a regime (a sliding window) are not
-seen by a probe; its error against full traces is published in calibration/ANALYTIC-VS-TRACE.md.
+Regimes: b = 1 from four lengths (128, 256, 384, 512) with terms 1, s, s^2; b >= 2 from seven
+points with terms 1, s, s^2, b, b s, b s^2 (quadratic in s: eager attention scores). A config with
+a sliding window gets both fitted again past it (sdpa keeps a mask there); other edges inside a
+regime are not seen by a probe: its error against full traces is in calibration/ANALYTIC-VS-TRACE.md.
 Imports torch and numpy.
 """
 
@@ -23,11 +23,40 @@ from memplan.options import Config
 from memplan.profile import Profile, Regime, Row, context_length, installed_versions, options_of
 from memplan.result import Category, Phase
 
-B1_POINTS = ((1, 128), (1, 256), (1, 384), (1, 512))
 B1_TERMS = ("1", "s", "s*s")
-BN_POINTS = ((2, 128), (2, 256), (2, 512), (3, 256), (4, 128), (4, 384), (4, 256))
 BN_TERMS = ("1", "s", "s*s", "b", "b*s", "b*s*s")
 TERMS = BN_TERMS  # the profile's terms: the b = 1 regime uses the first three
+
+
+def _lengths(lo: int, hi: int | None) -> tuple[int, int, int, int]:
+    """Four sequence lengths to fit a seq range on: 128 apart from the first multiple of 128 (512-byte
+    rounding is exact there), closer where the range is short."""
+    if hi is None or hi - lo >= 4 * 128:
+        first = -(-max(lo, 2) // 128) * 128
+        return tuple(first + 128 * k for k in range(4))
+    lo = max(lo, 2)  # one-token sequences run other ops (size-1 dims)
+    first = -(-lo // 16) * 16
+    if hi - first >= 3 * 16:  # multiples of 16: the small tensors' 512-byte rounding stays near-polynomial
+        step = (hi - first) // 3 // 16 * 16
+        return tuple(first + step * k for k in range(4))
+    step = max(1, (hi - lo) // 3)
+    return tuple(min(hi, lo + step * k) for k in range(4))
+
+
+def fit_regimes(config_dict: dict, context: int) -> list[tuple[str, tuple, tuple]]:
+    """(condition, (b, s) points, terms) of each regime the probe fits: b = 1 and b >= 2, each split at
+    the sliding window where the config has one (sdpa keeps a mask only past it)."""
+    window = config_dict.get("sliding_window")
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 2 else None
+    ranges = [(1, window - 1), (window, None)] if window else [(1, None)]
+    out = []
+    for lo, hi in ranges:
+        seq = f"(s >= {lo})" + (f" and (s <= {hi})" if hi else "")
+        # fit inside the position table (learned positions end there); the formulas hold past it
+        s0, s1, s2, s3 = _lengths(lo, hi if hi or context >= lo + 4 * 128 else context)
+        out.append((f"(b == 1) and {seq}", ((1, s0), (1, s1), (1, s2), (1, s3)), B1_TERMS))
+        out.append((f"(b >= 2) and {seq}", ((2, s0), (2, s1), (2, s3), (3, s1), (4, s0), (4, s2), (4, s1)), BN_TERMS))
+    return out
 
 
 def _moments(cfg: Config, b: int, s: int) -> tuple[list[Phase], "object", object]:
@@ -45,16 +74,8 @@ def _moments(cfg: Config, b: int, s: int) -> tuple[list[Phase], "object", object
     return phases, np.array(rows, dtype=np.float64), traced
 
 
-def _scaled(points, context: int):
-    """The probe's points, with seq scaled down (to multiples of 16) for a short context."""
-    if context >= 512:
-        return points
-    f = context / 512
-    return tuple((b, max(2, int(s * f) // 16 * 16 or 2)) for b, s in points)
-
-
 def probe_profile(cfg: Config, *, log=None) -> Profile:
-    """Fit the profile of `cfg` (its batch and seq are ignored) from 11 concrete traces."""
+    """Fit the profile of `cfg` (its batch and seq are ignored) from 11 concrete traces (22 with a window)."""
     import numpy as np
 
     from memplan.build import model_config_dict
@@ -66,11 +87,9 @@ def probe_profile(cfg: Config, *, log=None) -> Profile:
     points_all = grid(context)
     regimes, traced = [], None
     cats = list(Category)
-    # A fit has no regime edges of its own: each covers every sequence length of its batch regime.
-    for when, points, terms in (("(b == 1) and (s >= 1)", B1_POINTS, B1_TERMS),
-                                ("(b >= 2) and (s >= 1)", BN_POINTS, BN_TERMS)):
+    # A fit sees no regime edges of its own: the window split comes from the config.
+    for when, points, terms in fit_regimes(config_dict, context):
         start = time.perf_counter()
-        points = _scaled(points, context)
         runs = [_moments(cfg, b, s) for b, s in points]
         traced = runs[-1][2]
         lengths = {len(p) for p, _, _ in runs}
