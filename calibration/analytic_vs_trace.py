@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "calibration"))
 
 from memplan.result import Category  # noqa: E402
 
@@ -184,6 +185,13 @@ def write_table(records: list[dict]) -> None:
         lines.append(f"| {c['model']} | {c['method']} | {c['scheme']} | {c['dtype']} | {c['attention']} | "
                      f"{c['batch']} | {c['seq']} | {r['trace_bytes'] / 2**20:.1f} | {r['analytic_bytes'] / 2**20:.1f} | "
                      f"{error(r):+.2%} | {r['trace_phase']} | {r['analytic_phase']} |")
+    import llama_7b_case
+    import profiles_vs_trace
+
+    # Profile-backed sections first: they are what the analytic tier answers where a profile exists.
+    profiled = profiles_vs_trace.table() + llama_7b_case.table()
+    if profiled:
+        lines[4:4] = [*profiled, "## Hand formulas (no profile): the grid of this script", ""]
     TABLE.write_text("\n".join(lines) + "\n")
 
 

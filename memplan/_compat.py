@@ -31,6 +31,13 @@ def storage_key(storage) -> int:
     return storage._cdata
 
 
+def size_key(n):
+    """A size as a hashable value that compares without guards: an int as is, a SymInt as its sympy
+    expression (`SymInt.node.expr`, torch 2.13.0). `==` on two SymInts would record a guard."""
+    node = getattr(n, "node", None)
+    return n if node is None else node.expr
+
+
 def dispatch_mode_base():
     """`torch.utils._python_dispatch.TorchDispatchMode` (torch 2.13.0), the base of the live-bytes tracker."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -326,3 +333,54 @@ def fake_allreduce_hook(process_group, bucket):
     done = torch.futures.Future()
     done.set_result(buffer)
     return done
+def symbolic_shape_env():
+    """A `torch.fx.experimental.symbolic_shapes.ShapeEnv` (torch 2.13.0) for a fake mode with symbolic sizes."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return ShapeEnv()
+
+
+def symbolic_sizes(mode, batch: int, seq: int) -> tuple:
+    """(batch, seq) as SymInts of `mode`'s ShapeEnv with these hints (torch 2.13.0: `FakeTensorMode.from_tensor`
+    with a `StatelessSymbolicContext`). A hint of 1 stays a plain 1: torch specialises size-1 dims anyway."""
+    import torch
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    dims = [DimDynamic.STATIC if n == 1 else DimDynamic.DYNAMIC for n in (batch, seq)]
+    placeholder = mode.from_tensor(torch.empty(batch, seq, dtype=torch.int8, device="meta"),
+                                   source=ConstantSource("batch_x_seq"),
+                                   symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    return tuple(placeholder.shape)
+
+
+@contextlib.contextmanager
+def pad_without_pins(active: bool = True) -> Iterator[None]:
+    """`torch.nn.functional.pad` of the last dim, constant mode, as `new_full` + `copy_` for symbolic sizes.
+
+    torch 2.13.0's `torch._C._nn.pad` reads sizes as concrete integers, which pins symbolic batch and
+    seq to their hints (transformers' ForCausalLMLoss pads the labels). The replacement allocates one
+    tensor of the padded shape, as the original does, so the bytes counted are the same.
+    """
+    if not active:
+        yield
+        return
+    import torch
+    import torch.nn.functional as F
+
+    original = F.pad
+
+    def pad(input, pad, mode="constant", value=None):
+        if mode != "constant" or len(pad) != 2 or min(pad) < 0 or all(isinstance(n, int) for n in input.shape):
+            return original(input, pad, mode, value)
+        left, right = pad
+        n = input.shape[-1]
+        out = input.new_full((*input.shape[:-1], n + left + right), 0 if value is None else value)
+        out[..., left:left + n].copy_(input)
+        return out
+
+    F.pad = pad
+    try:
+        yield
+    finally:
+        F.pad = original

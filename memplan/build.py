@@ -164,10 +164,16 @@ def _peft(config: Config, cfg, model):
         raise MemplanError(f"{config.model}: peft cannot apply {config.scheme.value}: {one_line(e)}") from None
 
 
-def make_batch(config: Config, model, device="cpu", *, seed: int = 0) -> dict:
-    """Random token ids (batch x seq) in the vocabulary; labels = input_ids."""
+def make_batch(config: Config, model, device="cpu", *, seed: int = 0, shape=None) -> dict:
+    """Random token ids (batch x seq) in the vocabulary; labels = input_ids.
+
+    `shape`: symbolic (batch, seq) sizes on fake tensors, whose values nobody reads: zeros, one
+    allocation of the same bytes as the concrete batch."""
     import torch
 
+    if shape is not None:
+        ids = torch.zeros(shape, dtype=torch.long, device=device)
+        return {"input_ids": ids, "labels": ids}
     vocab = _base_config(model).vocab_size
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (config.batch, config.seq), generator=gen)

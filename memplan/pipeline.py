@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from memplan import analytic, corrections, hardware
+from memplan import analytic, arch, corrections, hardware, profile
 from memplan.errors import MemplanError
 from memplan.options import Config
 from memplan.overhead import add_overheads, nccl_bytes, workspace_bytes
@@ -51,17 +51,116 @@ class Estimator(Protocol):
 
 
 @dataclass(frozen=True)
+class ConfigOnly:
+    """A model memplan has no tensor table for: its name and config dict, which is all a profile needs."""
+
+    name: str
+    config: dict
+    model_type: str
+
+    @property
+    def max_positions(self) -> int:
+        return profile.context_length(self.config)
+
+
+def model_of(model: str) -> ModelSpec | ConfigOnly:
+    """The spec of what the user typed; for a config.json of a type without a tensor table, its config
+    alone (estimated from a traced profile)."""
+    from memplan.build import model_config_dict
+
+    try:
+        return resolve(model)
+    except MemplanError:
+        name, config = model_config_dict(model)  # raises the same error where nothing can be read
+        if arch.find(config.get("model_type")) is not None:
+            raise
+        return ConfigOnly(name, config, str(config["model_type"]))
+
+
+def hand_formulas(spec) -> bool:
+    """Whether memplan has closed-form activations for the spec's family (`memplan.arch`)."""
+    return isinstance(spec, ModelSpec) and arch.find(spec.model_type) is not None
+
+
+@dataclass(frozen=True)
 class AnalyticTier:
-    """Closed-form phases (`analytic.peak`): microseconds, no torch."""
+    """Closed-form phases: a stored profile's formulas of batch and seq (`memplan.profile`) where one
+    exists for the configuration, else the hand formulas of `analytic.peak`; microseconds, no torch.
+    A family without hand formulas gets its profile traced on first use (torch) and cached."""
 
     tier: Tier = Tier.ANALYTIC
 
     def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
-        spec = spec or resolve(cfg.model)
+        spec = spec or model_of(cfg.model)
+        found = profiled_peak(cfg, spec)
+        if found is not None:
+            return found
         phase, comps, totals = analytic.peak(cfg, spec, fam)
         note = spec.arch.activations_note
         return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count,
                           warnings=(note,) if note else (), host_bytes=analytic.host_bytes(cfg, spec))
+
+
+def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak | None:
+    """The tensor bytes from the configuration's profile; None where the hand formulas answer instead.
+
+    `make`: trace a missing profile now (default: only for a family without hand formulas)."""
+    hand = hand_formulas(spec)
+    if hand and not _one_device(cfg):  # a profile is one GPU's step; the layouts are the hand formulas' stage
+        return None
+    prof = profile.find(spec.config, cfg)
+    if prof is None and (not hand if make is None else make):
+        prof = make_profile(cfg, spec, at=(cfg.batch, cfg.seq))
+    if prof is None:
+        return None
+    peak = prof.peak(cfg.batch, cfg.seq)
+    if peak is None and not hand and prof.source == "symbolic" and _have_torch():
+        prof = make_profile(cfg, spec, into=prof, at=(cfg.batch, cfg.seq))  # trace its regime, keep it
+        peak = prof.peak(cfg.batch, cfg.seq)
+    if peak is None:
+        if hand:
+            return None
+        raise MemplanError(f"{spec.name}: batch {cfg.batch} x seq {cfg.seq} lies outside the traced profile's "
+                           f"regimes ({'; '.join(r.when for r in prof.regimes)}); `memplan trace` counts it")
+    comps = {c: peak.components.get(c, 0) for c in _TENSOR_CATEGORIES}
+    return TensorPeak(peak.phase, comps, dict(peak.phases), spec.name, prof.trainable_params, prof.total_params,
+                      prof.warnings, workspace_counted=False,
+                      host_bytes=analytic.host_bytes(cfg, spec) if hand else 0)
+
+
+def _one_device(cfg: Config) -> bool:
+    """One GPU, nothing sharded or offloaded: the step a trace (and so a profile) runs."""
+    from memplan.options import Offload, Sharding
+
+    return cfg.num_gpus == 1 and cfg.nodes == 1 and cfg.offload is Offload.NONE \
+        and cfg.sharding.resolved(cfg.num_gpus) is Sharding.NONE
+
+
+def _have_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None,
+                 at: tuple[int, int] | None = None) -> profile.Profile:
+    """Trace the configuration's profile (torch) and cache it; without torch, say what to install.
+    `at`: only the regime of that (batch, seq) for now (`into`: added to a stored profile); default:
+    every regime of the (batch, seq) grid."""
+    if not _have_torch():
+        if arch.find(spec.model_type) is None:
+            raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
+                               f"{spec.model_type!r}; they are traced once and cached, which needs torch: "
+                               f"pip install 'memplan[torch]'")
+        raise MemplanError(f"{spec.name}: tracing a profile needs torch: pip install 'memplan[torch]'")
+    from memplan.symbolic import build_profile
+
+    refuse = analytic.not_modelled(cfg)
+    if refuse:
+        raise MemplanError(refuse)
+    prof = build_profile(cfg, into=into, at=at)
+    profile.store(spec.config, cfg, prof)
+    return prof
 
 
 @dataclass(frozen=True)
@@ -169,7 +268,7 @@ def finish(peak: TensorPeak, cfg: Config, spec: ModelSpec | None, gpu: hardware.
     if gpu is not None:
         judge(est, gpu)
         if search and tier is Tier.ANALYTIC:
-            spec = spec or resolve(cfg.model)
+            spec = spec or model_of(cfg.model)
             est.max_batch = largest(cfg, spec, gpu, "batch")
             est.max_seq = largest(cfg, spec, gpu, "seq")
     return est
@@ -198,7 +297,7 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
     `family` replaces the GPU's corrected family, as in `finish`."""
     est = estimator(tier)
     if est.tier is Tier.ANALYTIC:
-        spec = spec or resolve(cfg.model)
+        spec = spec or model_of(cfg.model)
     fam = family or family_of(gpu)[0]
     return finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search, family=family)
 
@@ -206,7 +305,7 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
 def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:
     """Peak device bytes of one configuration, analytic tier (the number a fit verdict uses)."""
     fam, _ = family_of(gpu)
-    _, comps, _ = analytic.peak(cfg, spec, fam)
+    comps, _ = _with_workspace(ESTIMATORS[Tier.ANALYTIC].tensor_peak(cfg, spec, fam), cfg, fam)
     return add_overheads(comps, fam, nccl_bytes(cfg.num_gpus))[3]
 
 
@@ -274,7 +373,7 @@ def estimate_all(model: str, methods="all", *, gpu: str | hardware.Gpu | None = 
     names = [methods] if isinstance(methods, str) else methods
     the_gpu = resolve_gpu(gpu) if gpu is not None else None
     cfgs = [Config.make(model=model, method=m, **options) for m in parse_methods(names, where="methods")]
-    spec = resolve(cfgs[0].model)
+    spec = model_of(cfgs[0].model)
     return [estimate_config(c, the_gpu, search=search, spec=spec) for c in cfgs]
 
 

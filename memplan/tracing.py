@@ -42,10 +42,15 @@ from memplan.options import Attention, Config, Loss, Quant, Scheme, Sharding
 class Traced:
     """One traced (or real) step: the tracker's peak plus facts about the model."""
 
-    peak: object  # memplan.tracker.Peak
+    peak: object  # memplan.tracker.Peak; None for a symbolic trace (its peak depends on batch and seq)
     trainable_params: int
     total_params: int
     warnings: list[str]
+    tracker: object = None  # the LiveBytes that counted it (its events replay the step)
+    start: int = 0  # the measured step's first event
+    sizes: tuple = ()  # (batch, seq) as the step saw them: ints, or SymInts for a symbolic trace
+    shape_env: object = None
+
 
 MAX_CYCLE_STEPS = 8  # a method whose steps repeat every n: the trace measures n steps, at most this many
 
@@ -93,11 +98,16 @@ def _fake_tensors(model, *, fake_mode, device: str):
 
 
 def trace_step(config: Config, *, real: bool = False,
-               on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0) -> Traced:
+               on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0,
+               symbolic: bool = False) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
 
     real=True runs the same step on real CPU tensors (random weights), for fake-against-real checks.
     Fake tensors keep what CUDA would do where the CPU differs (host-side step counters).
+    symbolic=True makes batch and seq symbolic sizes (config.batch and config.seq are their hints):
+    every byte count becomes a formula of the two, and the caller replays `Traced.tracker`'s events
+    (`memplan.symbolic`); no peak is taken here, since comparing formulas would pin them.
+    With several GPUs (fsdp, ddp) this process runs rank 0 in a fake process group.
     """
     import torch
 
@@ -109,6 +119,8 @@ def trace_step(config: Config, *, real: bool = False,
     refuse = not_modelled(config) or distributed.trace_refusal(config)
     if refuse:
         raise MemplanError(refuse)
+    if symbolic and sharding is not Sharding.NONE:
+        raise MemplanError("a symbolic trace runs one GPU's step; trace a layout with concrete sizes")
     spec = methods.get(config.method)
     why = spec.untraceable(config)
     if why and not real:
@@ -123,15 +135,19 @@ def trace_step(config: Config, *, real: bool = False,
         if real:
             torch.manual_seed(seed)
             model, mode = build_model(config, "cpu"), contextlib.nullcontext()
+        elif symbolic:
+            mode = _compat.fake_tensor_mode()(shape_env=_compat.symbolic_shape_env())
+            model = fake_model(config, mode)
         else:
             mode = _compat.fake_tensor_mode()()
             model = fake_model(config, mode)
+        sizes = _compat.symbolic_sizes(mode, config.batch, config.seq) if symbolic else (config.batch, config.seq)
         base = getattr(model, "config", None) or model.base_model.config
         total = sum(t.numel() for t in model.parameters())
         if sharding is Sharding.FSDP:
             with mode:
                 distributed.shard(model, mesh)
-        tracker = _tracker(config, base, real=real, distributed=sharding is not Sharding.NONE)
+        tracker = _tracker(config, base, sizes, real=real, distributed=sharding is not Sharding.NONE)
         seen: dict[int, object] = {}
         for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:
             seen.setdefault(id(t), t)
@@ -150,13 +166,13 @@ def trace_step(config: Config, *, real: bool = False,
         watch = distributed.watched(tracker) if sharding is not Sharding.NONE else contextlib.nullcontext()
         experts = contextlib.nullcontext() if real else _compat.grouped_mm_in_any_dtype()
         try:
-            with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), watch:
+            with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), _compat.pad_without_pins(symbolic), watch:
                 step = Step(config, model, hooks=tracker, seed=seed)
                 with tracker:
                     if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
                         with tracker.region(Category.COMMUNICATION):
                             step.model = distributed.replicate(model, fake=True)  # the fake process group
-                    batch = make_batch(config, model, seed=seed)
+                    batch = make_batch(config, model, seed=seed, shape=sizes if symbolic else None)
                     step(batch)
                     start = tracker.mark()
                     label[0] = "measured"
@@ -174,7 +190,9 @@ def trace_step(config: Config, *, real: bool = False,
         warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
                         f"{measured} after the warm-up, so a peak in a later one is not seen")
     warnings += _attention_warnings(config, base)
-    return Traced(tracker.peak(start), n_train, total, warnings)
+    peak = None if symbolic else tracker.peak(start)
+    return Traced(peak, n_train, total, warnings, tracker=tracker, start=start, sizes=sizes,
+                  shape_env=mode.shape_env if symbolic else None)
 
 
 def _quant_state(config: Config, model) -> list:
@@ -186,15 +204,17 @@ def _quant_state(config: Config, model) -> list:
     return quant.state_tensors(model)
 
 
-def _tracker(config: Config, base, *, real: bool, distributed: bool):
-    """The live-bytes tracker for one step of `config` (which tensors are logits, what lives on the host)."""
+def _tracker(config: Config, base, sizes, *, real: bool, distributed: bool):
+    """The live-bytes tracker for one step of `config` (which tensors are logits, what lives on the host).
+    `sizes`: (batch, seq), symbolic in a symbolic trace."""
     from memplan.tracker import LiveBytes
 
-    rows = config.seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
-    numels = [config.batch * rows * base.vocab_size, config.batch * (rows - 1) * base.vocab_size]
+    b, seq = sizes
+    rows = seq + (config.prompt_tokens if config.scheme is Scheme.PROMPT else 0)
+    numels = [b * rows * base.vocab_size, b * (rows - 1) * base.vocab_size]
     if config.loss is Loss.CHUNKED:  # torch.chunk: pieces of ceil(rows / n) rows, the last one shorter
         piece = -(-rows // config.loss_chunks)
-        numels += [config.batch * piece * base.vocab_size, config.batch * (rows % piece or piece) * base.vocab_size]
+        numels += [b * piece * base.vocab_size, b * (rows % piece or piece) * base.vocab_size]
     return LiveBytes(vocab_size=base.vocab_size, cuda_host=not real, logits_numels=tuple(numels),
                      distributed=distributed)
 

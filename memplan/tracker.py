@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 import torch
 
 from memplan import _compat
-from memplan._compat import dispatch_mode_base, storage_key, tree_leaves
+from memplan._compat import dispatch_mode_base, size_key, storage_key, tree_leaves
 from memplan.result import Category, Phase
-from memplan.overhead import round_block
+from memplan.overhead import ROUND, round_block
 from memplan.steps import Hooks
 
 _ALLOC, _FREE, _BIND, _PHASE = 0, 1, 2, 3
@@ -95,7 +95,8 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         super().__init__()
         self.distributed = distributed
         self._fake_on_entry = None
-        self.logits_numels, self.vocab_size = set(logits_numels), vocab_size
+        # numels as `size_key` spells them: a symbolic size (memplan.symbolic) is unhashable as a SymInt
+        self.logits_numels, self.vocab_size = {size_key(n) for n in logits_numels}, vocab_size
         self.cuda_host = cuda_host  # drop what lives in host memory on CUDA (Adam's step counters)
         self.live: dict[int, _Rec] = {}
         self.events: list[tuple] = []
@@ -141,12 +142,12 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             if func is torch.ops.aten.add.Tensor and self.current is Phase.BACKWARD:
                 first = args[0] if isinstance(args[0], torch.Tensor) else None
                 old = self.live.get(storage_key(first.untyped_storage())) if first is not None else None
-                if old is not None and old.nbytes == rec.nbytes:
+                if old is not None and size_key(old.nbytes) == size_key(rec.nbytes):
                     rec.sum_of = old
         if func in _BERNOULLI:  # dropout noise: a bool mask on CUDA
             rec = self.live.get(storage_key(args[0].untyped_storage()))
             if rec is not None:
-                self._resize(rec, round_block(args[0].numel()))
+                self._resize(rec, _round(args[0].numel()))
         if scratch is not None:
             self.events.append((_FREE, scratch))
         return out
@@ -184,15 +185,15 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             return Category.WEIGHTS
         if any(r is not None and r.now is Category.TANGENTS for r in recs):
             return Category.TANGENTS
-        if self.vocab_size and t.dim() >= 2 and t.shape[-1] == self.vocab_size \
-                and t.numel() in self.logits_numels:
+        if self.vocab_size and t.dim() >= 2 and isinstance(t.shape[-1], int) and t.shape[-1] == self.vocab_size \
+                and size_key(t.numel()) in self.logits_numels:
             return Category.LOGITS
         if self._regions:
             return self._regions[-1]
         return _DEFAULT[self.current]
 
     def _new(self, st, key: int, category: Category, op: str) -> _Rec:
-        rec = _Rec(key, round_block(st.nbytes()), category, op)
+        rec = _Rec(key, _round(st.nbytes()), category, op)
         self.live[key] = rec
         self.events.append((_ALLOC, rec))
         weakref.finalize(st, self._free, key)
@@ -277,13 +278,20 @@ class LiveBytes(Hooks, dispatch_mode_base()):
                     break
         return found
 
-    def peak(self, start: int = 0) -> Peak:
-        """Replay the events: the peak after `start`, its categories at that moment, per-phase peaks."""
+    def walk(self, start: int = 0, nbytes=None):
+        """Replay the events; after `start`, yield (event, phase, total, totals by category) wherever the
+        live total can reach a new high (an allocation or a phase boundary). The dicts are live: copy to keep.
+
+        `nbytes(rec)` gives a record's bytes (default: its own); `memplan.symbolic` passes bytes as
+        formulas of batch and seq, so one replay serves every (batch, seq).
+        """
+        size = nbytes or (lambda rec: rec.nbytes)
         cat: dict[_Rec, Category] = {}
-        totals = dict.fromkeys(Category, 0)
-        total, best, phase = 0, None, Phase.LOAD
-        host = host_peak = 0
-        phases: dict[Phase, int] = {}
+        zero = size(None) if nbytes else 0
+        totals = dict.fromkeys(Category, zero)
+        total, phase = zero, Phase.LOAD
+        host = 0
+        self.host_peak = 0  # host bytes (offloaded tensors) at their highest after `start`
         in_place = self._in_place_sums()
         overwritten: set[_Rec] = set()
         for i, ev in enumerate(self.events):
@@ -291,49 +299,71 @@ class LiveBytes(Hooks, dispatch_mode_base()):
             if kind == _ALLOC and ev[1].host:
                 host += ev[1].nbytes
                 if i >= start:
-                    host_peak = max(host_peak, host)
+                    self.host_peak = max(self.host_peak, host)
                 continue
             if kind == _FREE and ev[1].host:
                 host -= ev[1].nbytes
                 continue
             if kind == _ALLOC:
                 rec = ev[1]
+                n = size(rec)
                 c = cat[rec] = rec.born
-                totals[c] += rec.nbytes
-                total += rec.nbytes
+                totals[c] = totals[c] + n
+                total = total + n
                 old = in_place.get(rec)
                 if old is not None and old in cat:  # CUDA writes the sum into `old`: no new bytes
-                    totals[cat[old]] -= old.nbytes
-                    total -= old.nbytes
+                    m = size(old)
+                    totals[cat[old]] = totals[cat[old]] - m
+                    total = total - m
                     overwritten.add(old)
             elif kind == _FREE:
                 rec = ev[1]
                 c = cat.pop(rec, rec.born)
                 if rec in overwritten:
                     continue
-                totals[c] -= rec.nbytes
-                total -= rec.nbytes
+                n = size(rec)
+                totals[c] = totals[c] - n
+                total = total - n
                 continue
             elif kind == _BIND:
                 rec, c = ev[1], ev[2]
                 if rec in cat:
-                    totals[cat[rec]] -= rec.nbytes
-                    totals[c] += rec.nbytes
+                    n = size(rec)
+                    totals[cat[rec]] = totals[cat[rec]] - n
+                    totals[c] = totals[c] + n
                     cat[rec] = c
                 continue
             else:
                 phase = ev[1]
-            if i < start:
-                continue
+            if i >= start:
+                yield ev, phase, total, totals
+        self.host_peak = max(self.host_peak, host)
+        if start >= len(self.events):
+            yield None, phase, total, totals
+
+    def peak(self, start: int = 0) -> Peak:
+        """Replay the events: the peak after `start`, its categories at that moment, per-phase peaks."""
+        best, phases = None, {}
+        last = (None, Phase.LOAD, 0, {})
+        for ev, phase, total, totals in self.walk(start):
+            last = (ev, phase, total, totals)
+            if ev is None:  # nothing after `start`: the state at the end
+                break
             if total > phases.get(phase, -1):
                 phases[phase] = total
             if best is None or total > best.allocated:
-                best = Peak(total, phase, {c: n for c, n in totals.items() if n}, op=_op(ev))
+                best = Peak(total, phase, {c: n for c, n in totals.items() if n}, op=_op(ev) if ev else "")
         if best is None:
+            _, phase, total, totals = last
             best = Peak(total, phase, {c: n for c, n in totals.items() if n})
         best.phases = phases
-        best.host_bytes = max(host_peak, host)
+        best.host_bytes = self.host_peak
         return best
+
+
+def _round(n) -> int:
+    """`round_block` for a size that may be symbolic: a SymInt's `if n` would add a guard."""
+    return round_block(n) if isinstance(n, int) else -(-n // ROUND) * ROUND
 
 
 def _op(ev) -> str:

@@ -53,6 +53,18 @@ def _no_user_corrections(tmp_path_factory, monkeypatch):
     corrections.reload()
 
 
+@pytest.fixture(autouse=True)
+def _no_user_profiles(tmp_path_factory, monkeypatch):
+    """Tests neither read nor write the user's cached profiles: the cache folder is a fresh one
+    (XDG_CACHE_HOME, inherited by subprocesses); profiles shipped with memplan are still read."""
+    from memplan import profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    profile._LOADED.clear()
+    yield
+    profile._LOADED.clear()
+
+
 @pytest.fixture
 def package_corrections(tmp_path, monkeypatch):
     """Point the corrections memplan reads at a temporary file (the test writes it)."""

@@ -44,3 +44,18 @@ def test_recorded_traces_are_current(index):
     rec = RECORDS[index]
     fresh = grid.run([tuple(rec["config"].values())], Path(pytest.importorskip("tempfile").mkdtemp()) / "r.jsonl")
     assert fresh[0]["trace_bytes"] == rec["trace_bytes"]
+
+
+def test_profile_backed_grid_meets_the_targets():
+    """calibration/profiles_vs_trace.py: every family's profile-backed analytic tier against concrete
+    traces (symbolic: median <= 0.5 %, worst <= 2 %; probe: median <= 2 %, worst <= 5 %)."""
+    import statistics
+
+    import profiles_vs_trace as fam
+
+    recs = [r for r in fam.records() if "source" in r]
+    assert {r["cell"][0] for r in recs} >= {"llama", "qwen2", "qwen3"}
+    for source, (median_target, worst_target) in fam.TARGETS.items():
+        errs = [abs(fam.error(p)) for r in recs if r["source"] == source for p in r["points"] if "trace_bytes" in p]
+        assert errs, source
+        assert statistics.median(errs) <= median_target and max(errs) <= worst_target, source

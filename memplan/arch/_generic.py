@@ -284,7 +284,8 @@ def template(model_type: str) -> str:
 
 def note(model_type: str) -> str:
     return (f"activations for {model_type} are approximate (the {template(model_type)} family's per-layer "
-            f"formulas); parameters are exact. `memplan trace` gives exact activation bytes for this model")
+            f"formulas); parameters are exact. `memplan profile` with the same options traces exact ones once "
+            f"(torch), and fit uses them from then on")
 
 
 def register_type(mt: str) -> Arch:

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer on click
 from memplan.errors import MemplanError
 
 HELP = "GPU-memory planner for fine-tuning LLMs: first-order, zeroth-order and forward-gradient."
-COMMANDS = ("fit", "models", "gpus", "trace", "calibrate", "chart", "check", "schema")
+COMMANDS = ("fit", "models", "gpus", "trace", "profile", "calibrate", "chart", "check", "schema")
 INTERNAL_ERROR = 3
 
 

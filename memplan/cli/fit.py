@@ -52,13 +52,13 @@ def estimates_command(tier: str):
 def _analytic(configs: list, gpu, as_json: bool, *, leave_out_refused: bool = False):
     """((estimates, methods left out), what would make each non-fitting one fit)."""
     from memplan.api import estimate_config
-    from memplan.pipeline import each
-    from memplan.spec import resolve
+    from memplan.pipeline import each, model_of
+    from memplan.spec import ModelSpec
 
-    spec = resolve(configs[0].model)
+    spec = model_of(configs[0].model)
     done = each(configs, lambda c: estimate_config(c, gpu, spec=spec), leave_out_refused=leave_out_refused)
     misfits = [e for e in done[0] if e.fits is False]
-    if not misfits:
+    if not misfits or not isinstance(spec, ModelSpec):  # suggestions read the tensor table
         return done, []
     from memplan.suggest import suggestions  # only a misfit needs it (and the margin module it brings)
 
