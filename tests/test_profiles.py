@@ -176,16 +176,17 @@ def test_formula_arithmetic():
 
 
 def test_unknown_type_traces_on_first_use_then_answers_from_the_cache(tmp_path, monkeypatch):
-    """qwen3 has no hand formulas: the first estimate traces a profile, the second reads it."""
+    """stablelm has neither hand formulas nor a tensor table: the first estimate traces a profile, the
+    second reads it."""
     from transformers import AutoConfig
 
     from memplan.api import estimate_config
     from memplan.tracing import trace
 
-    d = tmp_path / "qwen3"
+    d = tmp_path / "stablelm"
     d.mkdir()
-    fields = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    fields = AutoConfig.for_model("stablelm", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=64).to_dict()
     write(d, fields)
     cfg = Config(model=str(d), method="zo-sgd", dtype="bf16", batch=3, seq=20)
@@ -208,19 +209,42 @@ def test_unknown_type_traces_on_first_use_then_answers_from_the_cache(tmp_path, 
     assert len(json.loads(path.read_text())["regimes"]) == 2
 
 
+def test_a_table_family_is_exact_once_profiled(tmp_path):
+    """qwen3's activations borrow llama's formulas (approximate, said in a warning) until `memplan profile`
+    traces its profile; from then on the analytic tier gives the trace's bytes and no warning."""
+    from transformers import AutoConfig
+
+    from memplan.api import estimate_config
+    from memplan.pipeline import make_profile, model_of
+    from memplan.tracing import trace
+
+    fields = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=64).to_dict()
+    write(tmp_path, fields)
+    cfg = Config(model=str(tmp_path), method="fo-adam", dtype="bf16", batch=3, seq=20)
+    before = estimate_config(cfg, search=False)
+    assert any("approximate" in w for w in before.warnings)
+    make_profile(cfg, model_of(cfg.model))
+    profile._LOADED.clear()
+    after, traced = estimate_config(cfg, search=False), trace(cfg)
+    assert after.peak_allocated_bytes == traced.peak_allocated_bytes
+    assert not any("approximate" in w for w in after.warnings)
+
+
 def test_unknown_type_without_torch_says_what_to_install(tmp_path, monkeypatch):
     import importlib.util
 
     from memplan.cli import main
 
-    write(tmp_path, {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+    write(tmp_path, {"model_type": "stablelm", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128})
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     with pytest.raises(SystemExit) as e:
         main(["fit", str(tmp_path), "--gpu", "a100-80gb"])
     assert e.value.code == 2
-    with pytest.raises(MemplanError, match=r"model_type 'qwen3'.*pip install 'memplan\[torch\]'"):
+    with pytest.raises(MemplanError, match=r"model_type 'stablelm'.*pip install 'memplan\[torch\]'"):
         from memplan.api import estimate
 
         estimate(str(tmp_path), "zo-sgd")
