@@ -25,9 +25,18 @@ The layouts, as their libraries run by default:
   and the small parameters stage 3 keeps whole (`stage3_param_persistence_threshold`).
 - fsdp: PyTorch FSDP2, `fully_shard` on every decoder block and on the root. Each parameter is
   split on dim 0 in ceil(rows / N) rows per rank (padded); forward all-gathers a block and
-  reshards it after use; the prefetched next block is gathered while one computes; the root's
-  parameters (embeddings, final norm, lm_head) are not resharded after forward; backward gathers
-  each block again and reduce-scatters its unsharded gradients into the gradient shards.
+  reshards it after use; the root's parameters (embeddings, final norm, lm_head) are not resharded
+  after forward (first-order: after backward; forward-only: never, so they stay gathered between
+  steps); backward gathers each block again and reduce-scatters its unsharded gradients into the
+  gradient shards. What is gathered at each moment follows FSDP2's own buffers (`fsdp_moments`):
+  the flat all-gather output and the unsharded parameters copied out of it are two buffers, and
+  forward keeps a block's flat output until the next block's copy-out (FSDP2's `all_gather_state`,
+  which frees in program order instead of `record_stream`), so a block's copy-out holds three
+  blocks; at the logits only the last block's flat output is left. Backward prefetches the next
+  block's all-gather when a block starts (the root prefetches the last block), so a block computes
+  beside the next one's flat output, and the previous block's reduce-scatter input is kept until
+  this block's (`reduce_scatter_state`). CUDA allocates these on FSDP2's side streams but frees them
+  in the same program order, so the allocated bytes are those of a synchronous run.
   Under `amp-*`, FSDP2's own mixed precision as torchtitan sets it: `MixedPrecisionPolicy(
   param_dtype=<16-bit>, reduce_dtype=float32)` over fp32 shards, in place of autocast. All-gathers
   produce 16-bit parameters, the forward and backward run in 16-bit (activations as under
@@ -201,6 +210,8 @@ def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
 
         s = shapes(cfg.replace(dtype=compute_dtype(cfg)), p.spec)
     out = method_phases(replace(p, s=s, base=r.base, train=train))
+    if m is Sharding.FSDP:
+        return fsdp_moments(replace(p, s=s, base=r.base, train=train), out, r)
     for ph, moment in out.items():
         extra = r.extra.get(ph, r.extra.get(None, 0))
         if extra:
@@ -291,10 +302,9 @@ def _numel(shape) -> int:
     return n
 
 
-def _two_largest(sizes: list[int]) -> int:
-    """The unsharded block in use and the prefetched next one (the two largest, for mixed layers)."""
-    top = sorted(sizes, reverse=True)[:2]
-    return sum(top)
+def _largest(sizes: list[int], k: int) -> int:
+    """The k largest blocks together (the blocks gathered at once may be any k, for mixed layers)."""
+    return sum(sorted(sizes, reverse=True)[:k])
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +316,11 @@ class FsdpSizes:
     largest_shard: int
     root: int  # the root's parameters, gathered
     root_trainable: int  # its trainable ones, gathered (their unsharded gradients)
+    block: int  # the largest decoder block, gathered
     two_blocks: int  # the two largest decoder blocks, gathered
+    first_copy_out: int  # the first block's flat all-gather output and its unsharded parameters
+    copy_out: int  # the most a block's copy-out holds in forward: the previous block's flat output too
+    root_grads_early: int  # the root's unsharded gradients made before the input embeddings' (lm_head, norm)
     block_trainable: int  # the largest block's trainable parameters, gathered (unsharded gradients)
     block_trainable_full: int  # the same in the parameters' own dtype (the reduce-scatter input)
 
@@ -329,11 +343,19 @@ def _fsdp_sizes(spec: ModelSpec, key: tuple, frozen_wb: int | None, n: int, mp: 
     root_f, blocks_f = by_layer(frozen)
     layers = sorted(set(blocks_t) | set(blocks_f))
     gathered = [fsdp_bytes(blocks_t.get(i, []) + blocks_f.get(i, []), n, padded=True, eb=mp) for i in layers]
+    # Backward reaches the input embeddings last: their gradients appear at its end (a tied word
+    # embedding gets the head's at its start).
+    late = [] if key[0] is not Scheme.FT or not root_t else [
+        (t.shape, root_t[0][1], None) for t in spec.tensors if t.layer is None and t.group == "embeddings"
+        and not (spec.tie_word_embeddings and t.shape[0] == spec.vocab_size)]
     return FsdpSizes(
         shards=fsdp_bytes(train, n) + fsdp_bytes(frozen, n), trainable_shards=fsdp_bytes(train, n),
         largest_shard=max(round_block(dim0_shard(s, n) * eb) for s, eb, _ in train),
         root=fsdp_bytes(root_t + root_f, n, padded=True, eb=mp),
-        root_trainable=fsdp_bytes(root_t, n, padded=True, eb=mp), two_blocks=_two_largest(gathered),
+        root_trainable=fsdp_bytes(root_t, n, padded=True, eb=mp), block=_largest(gathered, 1),
+        two_blocks=_largest(gathered, 2), first_copy_out=2 * gathered[0] if gathered else 0,
+        copy_out=max([2 * g for g in gathered[:1]] + [a + 2 * b for a, b in zip(gathered, gathered[1:])], default=0),
+        root_grads_early=fsdp_bytes(root_t, n, padded=True, eb=mp) - fsdp_bytes(late, n, padded=True, eb=mp),
         block_trainable=max((fsdp_bytes(blocks_t[i], n, padded=True, eb=mp) for i in blocks_t), default=0),
         block_trainable_full=max((fsdp_bytes(blocks_t[i], n, padded=True) for i in blocks_t), default=0),
     )
@@ -348,7 +370,6 @@ def _fsdp(p: Inputs) -> Rank:
     grads = z.trainable_shards
     copies = p.base[C.OPTIMIZER_STATE] // p.train.bytes if p.train.bytes else 0
     state = copies * grads
-    gathered = z.root + z.two_blocks  # the root stays gathered; the block computing and the prefetched one
     base = {C.WEIGHTS: z.shards + buffers, C.OPTIMIZER_STATE: state}
     host = 0
     if cfg.offload is Offload.PARAMS:
@@ -360,10 +381,60 @@ def _fsdp(p: Inputs) -> Rank:
     elif cfg.offload is Offload.OPTIMIZER:  # forward-only methods (refusal): their state on the host
         host = state * per_node(cfg)
         base[C.OPTIMIZER_STATE] = 0
-    extra: dict = {None: 0, Phase.FORWARD: gathered}
-    if fo:
-        # Backward: the root's unsharded gradients wait for its reduce-scatter at the end; the block in
-        # use has its unsharded gradients and the reduce-scatter input made from them (16-bit ones,
-        # then their fp32 cast under mixed precision).
-        extra[Phase.BACKWARD] = gathered + z.root_trainable + z.block_trainable + z.block_trainable_full
-    return Rank(base=base, grad_bytes=grads, largest_bytes=z.largest_shard, extra=extra, host_bytes=host)
+    # what FSDP2 holds in flight depends on the moment, not only the phase: `fsdp_moments`
+    return Rank(base=base, grad_bytes=grads, largest_bytes=z.largest_shard, extra={}, host_bytes=host)
+
+
+def _plus(moment: Moment, comm: int, **drop: bool) -> Moment:
+    out = {c: n for c, n in moment.items() if not drop.get(c.name.lower())}
+    out[C.COMMUNICATION] = out.get(C.COMMUNICATION, 0) + comm
+    return out
+
+
+def fsdp_moments(p: Inputs, out: Phases, r: Rank) -> Phases:
+    """The method's phases on the shards plus what FSDP2 holds in flight at their peak (the module doc):
+    gathered parameters, unsharded gradients and reduce-scatter inputs, as communication."""
+    from memplan.methods import peak_of
+
+    cfg, spec, s = p.cfg, p.spec, p.s
+    z = fsdp_sizes(cfg, spec)
+    fo = cfg.method.is_fo
+    # A block's backward: the root's unsharded gradients made so far (reduce-scattered at the end), the
+    # block's parameters and the next block's prefetched flat output, its unsharded gradients as they
+    # appear, and the previous block's reduce-scatter input (kept until this block's reduce-scatter
+    # starts; a block with one before and one after it: three layers or more). Its copy-in then holds
+    # the gradients and their reduce-scatter input beside the prefetched block.
+    prev_rs = z.block_trainable_full if spec.num_layers >= 3 else 0
+    in_block = z.root + z.root_grads_early + z.block_trainable + max(z.two_blocks + prev_rs,
+                                                                     z.block + z.block_trainable_full)
+    res: Phases = {}
+    for ph, moment in out.items():
+        if ph is Phase.FORWARD:
+            # At the logits: the root and the last block's flat output. Before: a block's copy-out; the
+            # last block's beside every earlier layer's saved activations.
+            before_last = _plus(moment, z.root + z.copy_out, logits=True)
+            before_last[C.ACTIVATIONS] = moment.get(C.ACTIVATIONS, 0) * (spec.num_layers - 1) // spec.num_layers
+            candidates = [_plus(moment, z.root + z.block), before_last]
+            if fo:  # the root was resharded after backward: the first block's copy-out, with nothing saved
+                # yet, holds the root gathered and its flat output besides the block's own two buffers
+                candidates.append(_plus(moment, 2 * z.root + z.first_copy_out, logits=True, activations=True))
+            res[ph] = peak_of(candidates)
+        elif ph is Phase.BACKWARD and fo:
+            hidden_grad = s.tokens * spec.hidden_size * s.r
+            fwd = out[Phase.FORWARD]
+            ws = moment.get(C.WORKSPACE, 0)
+            block_moment = _plus({**fwd, C.WORKSPACE: ws}, in_block, logits=True)
+            block_moment[C.ACTIVATIONS] = block_moment.get(C.ACTIVATIONS, 0) + hidden_grad
+            end = {**p.base, C.GRADIENTS: r.grad_bytes, C.WORKSPACE: ws}
+            if moment.get(C.LOGITS):  # the logits' gradient: the root and the last block, prefetched
+                own = _plus(moment, z.root + z.block)
+            elif moment.get(C.ACTIVATIONS):  # inside a block (a recomputed one, a dequantised weight)
+                own = _plus(moment, in_block)
+            else:  # every gradient made: the root's unsharded ones beside it, before their reduce-scatter
+                own = _plus(moment, z.root + z.root_trainable)
+            res[ph] = peak_of([own, block_moment, _plus(end, z.root + z.root_trainable)])
+        elif fo:  # resharded after backward
+            res[ph] = dict(moment)
+        else:  # forward-only: the root is never resharded, gathered between steps
+            res[ph] = _plus(moment, z.root)
+    return res

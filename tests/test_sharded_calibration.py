@@ -9,8 +9,8 @@ runs rank 0 of 2 on fake tensors in the fake process group. What must agree, agr
   gloo runs a collective in its own thread, which drops its references to the buffers when it is
   done, a moment the step does not set; the fake process group finishes every collective at once.
   On CUDA the same buffers are held until FSDP's next wait, which the trace follows.
-The analytic per-GPU estimate is held to each measured rank too: DDP within 0.5 %; FSDP's known
-gaps (calibration/SHARDED-VS-TRACE.md) are strict expected failures, so a fix shows.
+The analytic per-GPU estimate is held to each measured rank too: DDP within 0.5 %, FSDP within 3.5 %
+(see ANALYTIC_TOLERANCE).
 """
 
 import json
@@ -117,27 +117,34 @@ def test_measured_ranks_match_the_sharded_trace(case, measured, traced):
                 assert n <= got[phase] <= n + _block_gather_bytes(), (rank, phase, got[phase], n)
 
 
-FSDP_ANALYTIC_GAP = ("the analytic FSDP model is off on tiny shapes as on SHARDED-VS-TRACE.md's grid: "
-                     "+20 % ft (gradients added at backward's start), +4 % lora, -13 % zo-sgd (the trace "
-                     "keeps the root gathered at the logits)")
-ANALYTIC_CASES = [c if c[0] == "ddp" else pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=FSDP_ANALYTIC_GAP))
-                  for c in CASES]
+# The analytic per-GPU peak without the cuBLAS workspace (neither CPU tier sees it; the largest phase
+# without it, since on tiny shapes the workspace alone decides which phase peaks) against each rank.
+# DDP within 0.5 % (measured: -1,024 B for fo-adam, -1,536 B for zo-sgd, of 2.1 / 0.9 MB). FSDP within
+# 3.5 % (the trace: fo-adam ft +1.1 %, lora -1.9 %, zo-sgd -3.2 %), plus, below the rank, the one
+# all-gather buffer gloo's thread may still hold (test above; the estimate models CUDA, where FSDP2
+# frees it at its next wait): on 2 layers and 32 tokens the peak is a block's all-gather copy-out,
+# where the step also holds the hidden states, the attention mask and the position ids (about 20 KiB)
+# that the model does not count, and FSDP2's flat all-gather output is one 512 B-rounded buffer where
+# the model rounds every tensor.
+ANALYTIC_TOLERANCE = {"ddp": 0.005, "fsdp": 0.035}
 
 
-@pytest.mark.parametrize("case", ANALYTIC_CASES, ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_analytic_per_gpu_matches_every_measured_rank(case, measured, tmp_path):
-    # DDP: the analytic per-GPU peak (without the cuBLAS workspace, which neither CPU tier sees) is
-    # within 0.5 % of each rank (measured: -1,024 B for fo-adam, -1,536 B for zo-sgd, of 2.1 / 0.9 MB).
-    from memplan.api import estimate_config
+    from memplan import analytic as tier, hardware
     from memplan.result import Category
+    from memplan.spec import resolve
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(TINY_OPT))
-    est = estimate_config(_config(*case).replace(model=str(path)), search=False)
-    analytic = est.peak_allocated_bytes - est.components.get(Category.WORKSPACE, 0)
+    cfg = _config(*case).replace(model=str(path))
+    phases = tier.phases(cfg, resolve(cfg.model), hardware.family("hopper"))
+    analytic = max(sum(n for c, n in m.items() if c is not Category.WORKSPACE) for m in phases.values())
+    gloo = _block_gather_bytes() if case[0] == "fsdp" else 0
     for rank in range(WORLD):
         got = measured[case, rank]["peak_allocated_bytes"]
-        assert abs(analytic - got) <= 0.005 * got, (rank, analytic, got)
+        tol = ANALYTIC_TOLERANCE[case[0]] * got
+        assert got - gloo - tol <= analytic <= got + tol, (rank, analytic, got)
 
 
 def _block_gather_bytes() -> int:

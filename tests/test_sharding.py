@@ -141,13 +141,22 @@ def test_fsdp_model_state_per_rank_and_gathered_blocks(tmp_path):
     assert ph[Phase.LOAD][C.WEIGHTS] == shards + buffers
     assert ph[Phase.LOAD][C.GRADIENTS] == shards
     assert ph[Phase.LOAD][C.OPTIMIZER_STATE] == 2 * shards  # exp_avg, exp_avg_sq on the shards
-    # Forward: the root (embedding 256 x 64, norm 64, lm_head 256 x 64) stays gathered; two blocks in
-    # flight. One block: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128, two norms of 64;
+    # One block: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128, two norms of 64;
     # over 4 ranks every dim 0 splits evenly, so gathered = unsharded, each tensor rounded to 512 B.
     block = sum(round_block(e * 2) for e in (4096, 2048, 2048, 4096, 8192, 8192, 8192, 64, 64))
     root = round_block(256 * 64 * 2) * 2 + round_block(64 * 2)
-    assert ph[Phase.FORWARD][C.COMMUNICATION] == root + 2 * block
+    # One token, where the buffers outweigh the activations (here a block outweighs the root).
+    one = analytic.phases(cfg.replace(seq=1), spec, FAM)
+    # Forward: the last block's copy-out holds the previous block's flat all-gather output (kept until
+    # then), its own flat output and its unsharded parameters, beside the gathered root.
+    assert one[Phase.FORWARD][C.COMMUNICATION] == root + 3 * block
+    # Backward, the last block (first to run backward): the root with its unsharded gradients made so far
+    # (lm_head's and the norm's; the embedding's come last), the block and the prefetched one before it,
+    # and the block's unsharded gradients (no earlier reduce-scatter input held: it is the first).
+    embed = round_block(256 * 64 * 2)
+    assert one[Phase.BACKWARD][C.COMMUNICATION] == root + (root - embed) + 2 * block + block
     assert ph[Phase.OPTIMIZER_STEP].get(C.COMMUNICATION, 0) == 0  # resharded after backward
+    assert ph[Phase.LOAD].get(C.COMMUNICATION, 0) == 0
 
 
 def test_fsdp_per_gpu_peak_falls_with_more_gpus():
@@ -156,11 +165,19 @@ def test_fsdp_per_gpu_peak_falls_with_more_gpus():
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[-1]
 
 
-def test_zo_under_fsdp_gathers_only_in_forward():
-    ph = phases(method="zo-sgd", num_gpus=4, sharding="fsdp")
-    assert ph[Phase.FORWARD][C.COMMUNICATION] > 0
-    assert ph[Phase.PERTURB].get(C.COMMUNICATION, 0) == 0
-    assert ph[Phase.PERTURB][C.WEIGHTS] < phases(method="zo-sgd")[Phase.PERTURB][C.WEIGHTS] / 3
+def test_zo_under_fsdp_keeps_the_root_gathered_between_steps(tmp_path):
+    cfg = Config(model=write(tmp_path, TINY_LLAMA), method="zo-sgd", dtype="bf16", num_gpus=4, sharding="fsdp",
+                 seq=1)
+    ph = analytic.phases(cfg, resolve(cfg.model), FAM)
+    block = sum(round_block(e * 2) for e in (4096, 2048, 2048, 4096, 8192, 8192, 8192, 64, 64))
+    root = round_block(256 * 64 * 2) * 2 + round_block(64 * 2)
+    # Never resharded after forward (no backward to gather it for): load, perturb and the update hold it.
+    for phase in (Phase.LOAD, Phase.PERTURB, Phase.OPTIMIZER_STEP):
+        assert ph[phase][C.COMMUNICATION] == root, phase
+    # A block's copy-out: the previous block's flat output (kept until now), this one's and its parameters.
+    assert ph[Phase.FORWARD][C.COMMUNICATION] == root + 3 * block
+    one_gpu = analytic.phases(cfg.replace(num_gpus=1, sharding="none"), resolve(cfg.model), FAM)
+    assert ph[Phase.PERTURB][C.WEIGHTS] < one_gpu[Phase.PERTURB][C.WEIGHTS] / 3  # the shards
 
 
 # ---- DDP -----------------------------------------------------------------------------------------
