@@ -42,6 +42,9 @@ The layouts, as their libraries run by default:
   produce 16-bit parameters, the forward and backward run in 16-bit (activations as under
   `--dtype bf16` / `fp16`, no autocast cache), the unsharded gradients are 16-bit and are cast
   to fp32 for the reduce-scatter; shards, their gradients and the optimizer state are fp32.
+  Every parameter is gathered in param_dtype, peft's fp32 adapters too (so LoRA's paths save
+  16-bit inputs, as a 16-bit model's with 16-bit adapters would), and each all-gather first casts
+  the local shards to param_dtype (its inputs, beside the flat output it fills).
 
 ZO methods are forward-only: no gradients to reduce, so ddp holds its (unused) buckets only because
 the model is wrapped, zero1/2 partition just the method's own state, and fsdp / zero3 gather a block
