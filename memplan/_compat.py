@@ -165,11 +165,23 @@ def device_mesh(device_type: str, world_size: int):
     return init_device_mesh(device_type, (world_size,))
 
 
-def fully_shard(module, mesh) -> None:
-    """FSDP2 `torch.distributed.fsdp.fully_shard` with its defaults (reshard after forward) (torch 2.13.0)."""
+def fully_shard(module, mesh, param_dtype=None) -> None:
+    """FSDP2 `torch.distributed.fsdp.fully_shard` with its defaults (reshard after forward) (torch 2.13.0).
+
+    param_dtype: a 16-bit dtype to gather parameters in and compute in, gradients reduced in fp32
+    (`MixedPrecisionPolicy(param_dtype=..., reduce_dtype=torch.float32)`, as torchtitan sets it);
+    None keeps the parameters' own dtype.
+    """
     from torch.distributed.fsdp import fully_shard as _fully_shard
 
-    _fully_shard(module, mesh=mesh)
+    if param_dtype is None:
+        _fully_shard(module, mesh=mesh)
+        return
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    _fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def is_dtensor_type(types) -> bool:

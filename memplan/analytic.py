@@ -242,25 +242,27 @@ def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
 def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:
     """Bytes per token one layer's LoRA paths save: lora_A's input and lora_B's r-wide input.
 
-    peft keeps adapters in fp32 and casts x to fp32 (`_cast_input_dtype`): one new copy per target
-    for 16-bit models; fp32 models pass x itself (shared by the targets); under autocast each
-    lora_A saves its own 16-bit cast.
+    peft casts x to the adapters' dtype (`_cast_input_dtype`; adapters are fp32, or FSDP2's 16-bit
+    param_dtype under its mixed precision): one new copy per target when that differs from the
+    stream's (16-bit models, fp32 adapters); otherwise x itself, shared by the targets; under
+    autocast each lora_A saves its own 16-bit cast.
     With lora_dropout > 0, each target's `nn.Dropout` saves a bool mask (1 byte per element) and
-    lora_A saves the dropped-out fp32 copy instead of x (under autocast: its 16-bit cast), so
-    fp32 models no longer share x between the targets.
+    lora_A saves the dropped-out copy in the adapters' dtype instead of x (under autocast: its
+    16-bit cast), so the targets no longer share x.
     """
     h = spec.hidden_size
     mask = 1 if cfg.lora_dropout > 0 else 0
+    ab = s.adapter_bytes
     if s.amp:
         x_saved = targets * h * (s.cb + mask)
     elif mask:
-        x_saved = targets * h * (ADAPTER_BYTES + mask)
-    elif s.wb == 4:
+        x_saved = targets * h * (ab + mask)
+    elif ab == s.cb:
         # the projection input itself, shared by the targets (and by an int8 base layer, which saves it too)
-        x_saved = 0 if s.keeps_linear_inputs else h * 4
+        x_saved = 0 if s.keeps_linear_inputs else h * ab
     else:
-        x_saved = targets * h * ADAPTER_BYTES
-    middle = targets * cfg.lora_rank * (s.cb if s.amp else ADAPTER_BYTES)
+        x_saved = targets * h * ab
+    middle = targets * cfg.lora_rank * (s.cb if s.amp else ab)
     return x_saved + middle
 
 

@@ -62,11 +62,22 @@ def blocks(model) -> list:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-def shard(model, mesh) -> None:
-    """FSDP2: `fully_shard` every decoder block, then the root."""
+def mixed_precision(config: Config) -> bool:
+    """FSDP2 runs `amp-*` with its own mixed precision (16-bit gathers and compute, fp32 reduce),
+    in place of autocast."""
+    return layout(config) is Sharding.FSDP and config.dtype.is_amp
+
+
+def shard(model, mesh, config: Config) -> None:
+    """FSDP2: `fully_shard` every decoder block, then the root; `amp-*` with FSDP2's mixed precision."""
+    param_dtype = None
+    if mixed_precision(config):
+        import torch
+
+        param_dtype = getattr(torch, config.dtype.compute_torch_name)
     for block in blocks(model):
-        _compat.fully_shard(block, mesh)
-    _compat.fully_shard(model, mesh)
+        _compat.fully_shard(block, mesh, param_dtype)
+    _compat.fully_shard(model, mesh, param_dtype)
 
 
 def replicate(model, *, fake: bool = False):

@@ -42,6 +42,9 @@ The layouts, as their libraries run by default:
   produce 16-bit parameters, the forward and backward run in 16-bit (activations as under
   `--dtype bf16` / `fp16`, no autocast cache), the unsharded gradients are 16-bit and are cast
   to fp32 for the reduce-scatter; shards, their gradients and the optimizer state are fp32.
+  Every parameter is gathered in param_dtype, peft's fp32 adapters too (so LoRA's paths save
+  16-bit inputs, as a 16-bit model's with 16-bit adapters would), and each all-gather first casts
+  the local shards to param_dtype (its inputs, beside the flat output it fills).
 
 ZO methods are forward-only: no gradients to reduce, so ddp holds its (unused) buckets only because
 the model is wrapped, zero1/2 partition just the method's own state, and fsdp / zero3 gather a block
@@ -209,6 +212,8 @@ def phases(p: Inputs, method_phases: Callable[[Inputs], Phases]) -> Phases:
         from memplan.analytic import shapes
 
         s = shapes(cfg.replace(dtype=compute_dtype(cfg)), p.spec)
+        if m is Sharding.FSDP:  # the policy gathers every parameter in param_dtype, peft's adapters too
+            s = replace(s, adapter_bytes=s.cb)
     out = method_phases(replace(p, s=s, base=r.base, train=train))
     if m is Sharding.FSDP:
         return fsdp_moments(replace(p, s=s, base=r.base, train=train), out, r)
@@ -323,6 +328,7 @@ class FsdpSizes:
     root_grads_early: int  # the root's unsharded gradients made before the input embeddings' (lm_head, norm)
     block_trainable: int  # the largest block's trainable parameters, gathered (unsharded gradients)
     block_trainable_full: int  # the same in the parameters' own dtype (the reduce-scatter input)
+    block_cast: int  # the largest block's shards cast to param_dtype, its all-gather's inputs (amp only)
 
 
 def fsdp_sizes(cfg: Config, spec: ModelSpec, *, mixed: bool = True) -> FsdpSizes:
@@ -358,6 +364,8 @@ def _fsdp_sizes(spec: ModelSpec, key: tuple, frozen_wb: int | None, n: int, mp: 
         root_grads_early=fsdp_bytes(root_t, n, padded=True, eb=mp) - fsdp_bytes(late, n, padded=True, eb=mp),
         block_trainable=max((fsdp_bytes(blocks_t[i], n, padded=True, eb=mp) for i in blocks_t), default=0),
         block_trainable_full=max((fsdp_bytes(blocks_t[i], n, padded=True) for i in blocks_t), default=0),
+        block_cast=max((fsdp_bytes(blocks_t.get(i, []) + blocks_f.get(i, []), n, eb=mp) for i in layers),
+                       default=0) if mp else 0,
     )
 
 
@@ -402,10 +410,11 @@ def fsdp_moments(p: Inputs, out: Phases, r: Rank) -> Phases:
     # A block's backward: the root's unsharded gradients made so far (reduce-scattered at the end), the
     # block's parameters and the next block's prefetched flat output, its unsharded gradients as they
     # appear, and the previous block's reduce-scatter input (kept until this block's reduce-scatter
-    # starts; a block with one before and one after it: three layers or more). Its copy-in then holds
-    # the gradients and their reduce-scatter input beside the prefetched block.
+    # starts; a block with one before and one after it: three layers or more); under mixed precision
+    # the prefetch's all-gather inputs too (the next block's shards cast to param_dtype). Its copy-in
+    # then holds the gradients and their reduce-scatter input beside the prefetched block.
     prev_rs = z.block_trainable_full if spec.num_layers >= 3 else 0
-    in_block = z.root + z.root_grads_early + z.block_trainable + max(z.two_blocks + prev_rs,
+    in_block = z.root + z.root_grads_early + z.block_trainable + max(z.two_blocks + prev_rs + z.block_cast,
                                                                      z.block + z.block_trainable_full)
     res: Phases = {}
     for ph, moment in out.items():

@@ -23,7 +23,7 @@ from memplan.build import (  # noqa: F401  (the model factory, re-exported for o
     _base_config, build_model, hf_config, is_masked_lm, lora_targets, make_batch, model_config_dict,
     trainable,
 )
-from memplan import _compat
+from memplan import _compat, distributed
 from memplan.arch._common import chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
@@ -133,7 +133,8 @@ class Step:
     def autocast(self):
         import torch
 
-        if not self.config.dtype.is_amp:
+        # FSDP2's MixedPrecisionPolicy already gathers 16-bit parameters: no autocast over them.
+        if not self.config.dtype.is_amp or distributed.mixed_precision(self.config):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=getattr(torch, self.config.dtype.compute_torch_name))
 

@@ -146,7 +146,7 @@ def trace_step(config: Config, *, real: bool = False,
         total = sum(t.numel() for t in model.parameters())
         if sharding is Sharding.FSDP:
             with mode:
-                distributed.shard(model, mesh)
+                distributed.shard(model, mesh, config)
         tracker = _tracker(config, base, sizes, real=real, distributed=sharding is not Sharding.NONE)
         seen: dict[int, object] = {}
         for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:

@@ -36,17 +36,18 @@ from tiny import TINY_OPT  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 LAUNCH_TIMEOUT_S = 240  # two processes importing torch and transformers on a small CI runner
-CASES = [  # (sharding, method, scheme)
+CASES = [  # (sharding, method, scheme[, dtype])
     ("fsdp", "fo-adam", "ft"),
     ("fsdp", "fo-adam", "lora"),
     ("fsdp", "zo-sgd", "ft"),
     ("ddp", "fo-adam", "ft"),
     ("ddp", "zo-sgd", "ft"),
+    ("fsdp", "fo-adam", "ft", "amp-bf16"),  # FSDP2's MixedPrecisionPolicy: bf16 gathers over fp32 shards
 ]
 
 
-def _config(sharding: str, method: str, scheme: str) -> Config:
-    return Config(model="tiny-opt", method=method, scheme=scheme, dtype="fp32", batch=2, seq=16,
+def _config(sharding: str, method: str, scheme: str, dtype: str = "fp32") -> Config:
+    return Config(model="tiny-opt", method=method, scheme=scheme, dtype=dtype, batch=2, seq=16,
                   num_gpus=WORLD, sharding=sharding)
 
 

@@ -33,8 +33,8 @@ def opt(tmp_path_factory) -> str:
     return str(path)
 
 
-def _cfg(model: str, method: str, world: int, sharding: str, scheme: str = "ft") -> Config:
-    return Config(model=model, method=method, scheme=scheme, dtype="fp32", batch=2, seq=16, num_gpus=world,
+def _cfg(model: str, method: str, world: int, sharding: str, scheme: str = "ft", dtype: str = "fp32") -> Config:
+    return Config(model=model, method=method, scheme=scheme, dtype=dtype, batch=2, seq=16, num_gpus=world,
                   sharding=sharding)
 
 
@@ -52,9 +52,11 @@ def _groups(model) -> list[list]:
         [p for p in model.parameters() if id(p) not in inner]]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_fsdp_adam_keeps_sharded_weights_gradients_and_state(opt, world):
-    cfg = _cfg(opt, "fo-adam", world, "fsdp")
+@pytest.mark.parametrize("world, dtype", [(2, "fp32"), (4, "fp32"), (2, "amp-bf16")])
+def test_fsdp_adam_keeps_sharded_weights_gradients_and_state(opt, world, dtype):
+    # amp-bf16 is FSDP2's mixed precision: the shards, the reduce-scatter outputs (reduce_dtype fp32)
+    # and Adam's state stay fp32, so what a rank keeps is the fp32 run's.
+    cfg = _cfg(opt, "fo-adam", world, "fsdp", dtype=dtype)
     model = build_model(cfg, "meta")
     params = list(model.parameters())  # the tied lm_head is the embedding, once
     # weights: one padded shard per parameter; gradients: one reduce-scatter output per group, the
@@ -118,11 +120,40 @@ def test_offload_is_refused_by_the_trace(opt):
         trace_step(cfg)
 
 
-@pytest.mark.parametrize("sharding, method", [("fsdp", "fo-adam"), ("ddp", "zo-sgd")])
-def test_fake_tensors_count_what_real_ones_do_in_the_fake_group(opt, sharding, method):
+@pytest.mark.parametrize("sharding, method, dtype", [("fsdp", "fo-adam", "fp32"), ("ddp", "zo-sgd", "fp32"),
+                                                     ("fsdp", "fo-adam", "amp-bf16")])
+def test_fake_tensors_count_what_real_ones_do_in_the_fake_group(opt, sharding, method, dtype):
     # The same rank's step on real CPU tensors (collectives still fake): every phase to the byte,
     # so nothing in the sharded trace comes from fake tensors (DDP's and FSDP's stand-ins included).
-    cfg = _cfg(opt, method, 2, sharding)
+    cfg = _cfg(opt, method, 2, sharding, dtype=dtype)
     fake, real = trace_step(cfg).peak, trace_step(cfg, real=True).peak
     assert fake.phases == real.phases
     assert fake.components == real.components
+
+
+@pytest.mark.parametrize("sharding, autocast", [("fsdp", False), ("ddp", True)])
+def test_amp_under_fsdp_is_fsdp2_mixed_precision_not_autocast(opt, sharding, autocast):
+    # fsdp: every block computes on bf16 gathered parameters over fp32 shards, outside autocast (as
+    # torchtitan runs FSDP2); ddp keeps fp32 weights and autocast, as one GPU does.
+    import torch
+
+    from memplan import _compat, distributed
+    from memplan.steps import Step, make_batch
+
+    cfg = _cfg(opt, "fo-adam", 2, sharding, dtype="amp-bf16")
+    seen = []
+    with _compat.fake_process_group(2):
+        model = build_model(cfg, "cpu")
+        if sharding == "fsdp":
+            distributed.shard(model, _compat.device_mesh("cpu", 2), cfg)
+        shards = {p.dtype for p in model.parameters()}
+        for layer in model.model.decoder.layers:
+            layer.register_forward_pre_hook(lambda m, _: seen.append(
+                ({p.dtype for p in m.parameters()}, torch.is_autocast_enabled("cpu"))))
+        step = Step(cfg, model)
+        if sharding == "ddp":
+            step.model = distributed.replicate(model, fake=True)
+        step(make_batch(cfg, model, "cpu"))
+    assert shards == {torch.float32}
+    gathered = {torch.float32} if autocast else {torch.bfloat16}
+    assert seen and all(dtypes == gathered and on is autocast for dtypes, on in seen)

@@ -22,10 +22,11 @@ ROWS = [  # (model, method, scheme, sharding, num_gpus, dtype, batch, seq)
     ("llama-gqa", "fo-adam", "ft", "ddp", 2, "bf16", 4, 256),
     ("llama-gqa", "zo-sgd", "ft", "ddp", 4, "bf16", 4, 256),
     ("llama-gqa", "fo-adam", "ft", "fsdp", 2, "bf16", 4, 256),
+    ("opt-125m", "fo-adam", "lora", "fsdp", 2, "amp-bf16", 4, 256),  # LoRA in FSDP2's param_dtype
 ]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: "-".join(map(str, r[1:5])))
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: "-".join(map(str, r[:6])))
 def test_analytic_per_gpu_is_within_3_percent_of_the_sharded_trace(row, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(grid.LLAMA_GQA))
@@ -42,10 +43,13 @@ BUFFER_ROWS = [
     ("llama-gqa", "fo-adam", "ft", "fsdp", 4, "bf16", 1, 8),
     ("llama-gqa", "fo-adam", "lora", "fsdp", 2, "bf16", 1, 8),
     ("llama-gqa", "zo-sgd", "ft", "fsdp", 2, "bf16", 1, 8),
+    # amp-*: FSDP2's MixedPrecisionPolicy, 16-bit gathers and compute over fp32 shards (no autocast)
+    ("opt-125m", "fo-adam", "ft", "fsdp", 2, "amp-bf16", 1, 8),
+    ("llama-gqa", "fo-adam", "lora", "fsdp", 2, "amp-bf16", 1, 8),
 ]
 
 
-@pytest.mark.parametrize("row", BUFFER_ROWS, ids=lambda r: "-".join(map(str, r[1:5])))
+@pytest.mark.parametrize("row", BUFFER_ROWS, ids=lambda r: "-".join(map(str, r[:6])))
 def test_every_fsdp_phase_is_within_1_percent_of_the_sharded_trace(row, tmp_path):
     from memplan import analytic, hardware
     from memplan.result import Category

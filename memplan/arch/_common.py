@@ -78,6 +78,7 @@ class Ctx:
     cb: int  # bytes per compute element
     r: int  # residual-stream bytes
     amp: bool
+    adapter_bytes: int = 4  # adapter weights as they compute: peft's fp32; FSDP2's param_dtype under its mixed precision
 
     @property
     def trains(self) -> bool:

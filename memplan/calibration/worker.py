@@ -58,7 +58,7 @@ def _run_one(config: Config, model_config: dict, device: torch.device, meter: Me
         # FSDP: built in host memory; fully_shard moves each module to the device as it shards it.
         model = steps.build_model(cfg, "cpu" if sharding is Sharding.FSDP else device)
     if sharding is Sharding.FSDP:
-        distributed.shard(model, mesh)
+        distributed.shard(model, mesh, cfg)
     batch = steps.make_batch(cfg, model, device, seed=seed)
     run = steps.Step(cfg, model, on_phase=meter.on_phase, seed=seed)
     if sharding is Sharding.DDP:  # its gradient buckets are allocated here
