@@ -112,9 +112,10 @@ def test_measured_ranks_match_the_sharded_trace(case, measured, traced):
         got = measured[case, rank]["phases"]
         assert set(got) == set(trace), (rank, got, trace)
         for phase, n in trace.items():
-            if sharding == "ddp" or phase in ("load", "optimizer_step", "perturb"):
+            if sharding == "ddp" or phase in ("load", "optimizer_step"):
                 assert got[phase] == n, (rank, phase, got[phase], n)
-            else:  # at most one block's all-gather buffer later freed by gloo's thread
+            else:  # at most one block's all-gather buffer later freed by gloo's thread (which can still
+                # hold the last forward's when ZO's perturbation starts: seen once in two runs)
                 assert n <= got[phase] <= n + _block_gather_bytes(), (rank, phase, got[phase], n)
 
 
