@@ -50,10 +50,12 @@ POINTS = ((1, 4096), (4, 1000), (8, 2048), (64, 64), (3, 333))
 QUICK_POINTS = ((1, 4096), (8, 2048), (3, 333))
 
 
-def cells(families, quick: bool):
+COMBOS = (("bf16", "sdpa"), ("bf16", "eager"), ("amp-bf16", "eager"), ("fp32", "sdpa"), ("fp32", "eager"),
+          ("amp-bf16", "sdpa"))
+
+
+def cells(families, quick: bool, combos=COMBOS):
     """Kernel and dtype outermost, so a partial run covers every family and method at bf16 first."""
-    combos = [("bf16", "sdpa"), ("bf16", "eager"), ("amp-bf16", "eager"), ("fp32", "sdpa"), ("fp32", "eager"),
-              ("amp-bf16", "sdpa")]
     for dtype, attention in combos[:3] if quick else combos:
         for fam in families:
             if attention == "sdpa" and fam in EAGER_ONLY:
@@ -73,7 +75,7 @@ def _config_dir(family: str, root: Path) -> Path:
     return d
 
 
-def run(families, quick: bool) -> None:
+def run(families, quick: bool, combos=COMBOS) -> None:
     from memplan import pipeline, profile
     from memplan.api import estimate_config
     from memplan.errors import MemplanError
@@ -88,7 +90,7 @@ def run(families, quick: bool) -> None:
     root = Path(tempfile.mkdtemp())
     os.environ["XDG_CACHE_HOME"] = str(root / "cache")
     points = QUICK_POINTS if quick else POINTS
-    for cell in cells(families, quick):
+    for cell in cells(families, quick, combos):
         fam, method, scheme, dtype, attention = cell
         key = json.dumps(list(cell))
         if key in done:
@@ -198,8 +200,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--quick", action="store_true", help="bf16 sdpa, bf16 eager and amp-bf16 eager only")
+    parser.add_argument("--combos", default=",".join(f"{d}:{a}" for d, a in COMBOS),
+                        help="dtype:attention pairs in the order to run them (a partial run covers the first ones)")
     args = parser.parse_args()
-    run([f for f in args.families.split(",") if f], args.quick)
+    combos = tuple(tuple(c.split(":")) for c in args.combos.split(",") if c)
+    run([f for f in args.families.split(",") if f], args.quick, combos)
     print("\n".join(table()))
 
 
