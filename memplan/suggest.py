@@ -110,6 +110,8 @@ def fixes(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu, margin: Margin | No
     return out
 
 
+SHOWN_SAVING = GIB // 20  # savings are shown in GiB to one decimal
+
 MORE_GPUS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -208,7 +210,7 @@ def savings(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None = None) -> 
     out = []
     for field, value in savers(cfg, spec):
         n = device_bytes(cfg.replace(**{field: value}), spec, gpu)
-        if n < base:
+        if base - n >= SHOWN_SAVING:  # one that would print as "saves 0.0 GiB" is no saver here
             out.append((Fix(field, value.value if isinstance(value, Enum) else value, n), base - n))
     return sorted(out, key=lambda fs: -fs[1])
 
