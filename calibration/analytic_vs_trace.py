@@ -13,26 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "calibration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memplan.result import Category  # noqa: E402
+import tracegrid  # noqa: E402
+from tracegrid import LLAMA_GQA, ROOT, error, summary  # noqa: E402,F401
+
 
 RECORDS = ROOT / "calibration" / "analytic-vs-trace.jsonl"  # not under data/, which holds measurements
 TABLE = ROOT / "calibration" / "ANALYTIC-VS-TRACE.md"
 MEDIAN_TARGET, WORST_TARGET = 0.02, 0.05
 
-# A Llama-style model with grouped-query attention and a gated MLP, small enough to trace fast.
-LLAMA_GQA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1376,
-             "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 # The eight methods ZO-Bench compares; the newer ZO methods have their own grid (methods_vs_trace.py).
 ZO_BENCH_METHODS = ("fo-sgd", "fo-adam", "forward-grad", "zo-sgd", "zo-sgd-mmt", "zo-sgd-cons", "zo-sgd-sign",
@@ -86,71 +79,22 @@ def _config(row, llama_path: str):
                   attention=attention, batch=batch, seq=seq)
 
 
-def _analytic_bytes(cfg) -> tuple[int, str]:
-    from memplan.api import estimate_config
-
-    est = estimate_config(cfg, search=False)
-    return est.peak_allocated_bytes - est.components[Category.WORKSPACE], est.peak_phase.value
+FIELDS = ("model", "method", "scheme", "dtype", "attention", "batch", "seq")
 
 
-def _key(row) -> str:
-    return json.dumps(list(row))
+def _estimate(cfg) -> dict:
+    analytic, phase = tracegrid.analytic_bytes(cfg)
+    return {"analytic_bytes": analytic, "analytic_phase": phase}
 
 
 def run(rows: list[tuple], out: Path, *, fresh: bool = False) -> list[dict]:
     """Trace every row not yet recorded (all with `fresh`), appending one JSON line per record."""
-    from memplan.errors import MemplanError
-    from memplan.tracing import trace_step
-
-    done = {} if fresh or not out.is_file() else {
-        _key(tuple(r["config"].values())): r for r in map(json.loads, out.read_text().splitlines()) if r}
-    if fresh and out.is_file():
-        out.unlink()
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for i, row in enumerate(rows, 1):
-            if _key(row) in done:
-                continue
-            cfg = _config(row, str(llama))
-            start = time.perf_counter()
-            try:
-                traced = trace_step(cfg)
-            except MemplanError as e:
-                print(f"[{i}/{len(rows)}] {row}: cannot trace: {e}", flush=True)
-                continue
-            seconds = time.perf_counter() - start
-            analytic, phase = _analytic_bytes(cfg)
-            rec = {"config": dict(zip(("model", "method", "scheme", "dtype", "attention", "batch", "seq"), row)),
-                   "trace_bytes": traced.peak.allocated, "trace_phase": traced.peak.phase.value,
-                   "trace_components": {c.value: n for c, n in traced.peak.components.items()},
-                   "analytic_bytes": analytic, "analytic_phase": phase, "trace_seconds": round(seconds, 1)}
-            with out.open("a") as f:  # one whole line per record: a killed run resumes where it stopped
-                f.write(json.dumps(rec) + "\n")
-            done[_key(row)] = rec
-            print(f"[{i}/{len(rows)}] {row}: analytic {analytic:,} trace {traced.peak.allocated:,} "
-                  f"({error(rec):+.2%})", flush=True)
-    return [done[_key(r)] for r in rows if _key(r) in done]
-
-
-def error(rec: dict) -> float:
-    return (rec["analytic_bytes"] - rec["trace_bytes"]) / rec["trace_bytes"]
+    return tracegrid.run(rows, out, FIELDS, _config, _estimate, fresh=fresh)
 
 
 def recheck(records: list[dict]) -> list[dict]:
     """Re-estimate every recorded configuration with the current analytic model."""
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for rec in records:
-            rec["analytic_bytes"], rec["analytic_phase"] = _analytic_bytes(_config(tuple(rec["config"].values()),
-                                                                                   str(llama)))
-    return records
-
-
-def summary(records: list[dict]) -> tuple[float, float]:
-    errs = [abs(error(r)) for r in records]
-    return statistics.median(errs), max(errs)
+    return tracegrid.recheck(records, FIELDS, _config, _estimate)
 
 
 def write_table(records: list[dict]) -> None:

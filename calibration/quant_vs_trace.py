@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "calibration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from analytic_vs_trace import LLAMA_GQA, _analytic_bytes  # noqa: E402
+import tracegrid  # noqa: E402
+from tracegrid import LLAMA_GQA, ROOT, error, summary  # noqa: E402,F401
+
+from tracegrid import analytic_bytes  # noqa: E402
 
 RECORDS = ROOT / "calibration" / "quant-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "QUANT-VS-TRACE.md"
@@ -62,58 +60,19 @@ def _config(row, llama_path: str):
     return Config(**c)
 
 
-def _key(row) -> str:
-    return json.dumps(list(row))
+def _estimate(cfg) -> dict:
+    analytic, phase = analytic_bytes(cfg)
+    return {"analytic_bytes": analytic, "analytic_phase": phase}
 
 
 def run(rows: list[tuple], out: Path, *, fresh: bool = False) -> list[dict]:
-    """Trace every row not yet recorded (all with `fresh`), one JSON line per record."""
-    from memplan.tracing import trace_step
-
-    done = {} if fresh or not out.is_file() else {
-        _key(tuple(r["config"].values())): r for r in map(json.loads, out.read_text().splitlines()) if r}
-    if fresh and out.is_file():
-        out.unlink()
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for i, row in enumerate(rows, 1):
-            if _key(row) in done:
-                continue
-            cfg = _config(row, str(llama))
-            start = time.perf_counter()
-            traced = trace_step(cfg)
-            seconds = time.perf_counter() - start
-            analytic, phase = _analytic_bytes(cfg)
-            rec = {"config": dict(zip(FIELDS, row)), "trace_bytes": traced.peak.allocated,
-                   "trace_phase": traced.peak.phase.value,
-                   "trace_components": {c.value: n for c, n in traced.peak.components.items()},
-                   "analytic_bytes": analytic, "analytic_phase": phase, "trace_seconds": round(seconds, 1)}
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            done[_key(row)] = rec
-            print(f"[{i}/{len(rows)}] {row}: analytic {analytic:,} trace {traced.peak.allocated:,} "
-                  f"({error(rec):+.2%})", flush=True)
-    return [done[_key(r)] for r in rows if _key(r) in done]
-
-
-def error(rec: dict) -> float:
-    return (rec["analytic_bytes"] - rec["trace_bytes"]) / rec["trace_bytes"]
+    """Trace every row not yet recorded (all with `fresh`), appending one JSON line per record."""
+    return tracegrid.run(rows, out, FIELDS, _config, _estimate, fresh=fresh)
 
 
 def recheck(records: list[dict]) -> list[dict]:
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for rec in records:
-            cfg = _config(tuple(rec["config"].values()), str(llama))
-            rec["analytic_bytes"], rec["analytic_phase"] = _analytic_bytes(cfg)
-    return records
-
-
-def summary(records: list[dict]) -> tuple[float, float]:
-    errs = [abs(error(r)) for r in records]
-    return statistics.median(errs), max(errs)
+    """Re-estimate every recorded configuration with the current analytic model."""
+    return tracegrid.recheck(records, FIELDS, _config, _estimate)
 
 
 def write_table(records: list[dict]) -> None:

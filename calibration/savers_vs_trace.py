@@ -17,12 +17,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tracegrid  # noqa: E402
+from tracegrid import LLAMA_GQA, ROOT, error, summary  # noqa: E402,F401
 
 from memplan.result import Category  # noqa: E402
 
@@ -30,10 +30,6 @@ RECORDS = ROOT / "calibration" / "savers-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "SAVERS-VS-TRACE.md"
 MEDIAN_TARGET, WORST_TARGET = 0.01, 0.03
 
-# The Llama of analytic_vs_trace.py: GQA, gated MLP, RMSNorm, untied head.
-LLAMA_GQA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1376,
-             "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 OPTIONS = (  # (label, Config fields)
     ("optim loop", {"optim": "loop"}),
@@ -68,49 +64,18 @@ def _analytic(cfg) -> tuple[int, str, int]:
     return est.peak_allocated_bytes - est.components[Category.WORKSPACE], est.peak_phase.value, est.host_bytes
 
 
-def _key(row) -> str:
-    return json.dumps(list(row))
+SAVER_FIELDS = ("model", "option", "scheme", "dtype", "attention")
+
+
+def _estimate(cfg) -> dict:
+    analytic, phase, host = _analytic(cfg)
+    return {"analytic_bytes": analytic, "analytic_phase": phase, "analytic_host_bytes": host}
 
 
 def run(rows: list[tuple], out: Path, *, fresh: bool = False) -> list[dict]:
     """Trace every row not yet recorded (all with `fresh`), appending one JSON line per record."""
-    from memplan.errors import MemplanError
-    from memplan.tracing import trace_step
-
-    done = {} if fresh or not out.is_file() else {
-        _key(tuple(r["config"].values())): r for r in map(json.loads, out.read_text().splitlines()) if r}
-    if fresh and out.is_file():
-        out.unlink()
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for i, row in enumerate(rows, 1):
-            if _key(row) in done:
-                continue
-            cfg = _config(row, str(llama))
-            start = time.perf_counter()
-            try:
-                traced = trace_step(cfg)
-            except MemplanError as e:
-                print(f"[{i}/{len(rows)}] {row}: cannot trace: {e}", flush=True)
-                continue
-            analytic, phase, host = _analytic(cfg)
-            rec = {"config": dict(zip(("model", "option", "scheme", "dtype", "attention"), row)),
-                   "trace_bytes": traced.peak.allocated, "trace_phase": traced.peak.phase.value,
-                   "trace_host_bytes": traced.peak.host_bytes,
-                   "trace_components": {c.value: n for c, n in traced.peak.components.items()},
-                   "analytic_bytes": analytic, "analytic_phase": phase, "analytic_host_bytes": host,
-                   "trace_seconds": round(time.perf_counter() - start, 1)}
-            with out.open("a") as f:  # one whole line per record: a killed run resumes where it stopped
-                f.write(json.dumps(rec) + "\n")
-            done[_key(row)] = rec
-            print(f"[{i}/{len(rows)}] {row}: analytic {analytic:,} trace {traced.peak.allocated:,} "
-                  f"({error(rec):+.2%}); host {host:,} / {traced.peak.host_bytes:,}", flush=True)
-    return [done[_key(r)] for r in rows if _key(r) in done]
-
-
-def error(rec: dict) -> float:
-    return (rec["analytic_bytes"] - rec["trace_bytes"]) / rec["trace_bytes"]
+    return tracegrid.run(rows, out, SAVER_FIELDS, _config, _estimate,
+                         fresh=fresh, traced_fields=lambda peak: {"trace_host_bytes": peak.host_bytes})
 
 
 def host_error(rec: dict) -> float | None:
@@ -120,18 +85,7 @@ def host_error(rec: dict) -> float | None:
 
 def recheck(records: list[dict]) -> list[dict]:
     """Re-estimate every recorded configuration with the current analytic model."""
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for rec in records:
-            cfg = _config(tuple(rec["config"].values()), str(llama))
-            rec["analytic_bytes"], rec["analytic_phase"], rec["analytic_host_bytes"] = _analytic(cfg)
-    return records
-
-
-def summary(records: list[dict]) -> tuple[float, float]:
-    errs = [abs(error(r)) for r in records]
-    return statistics.median(errs), max(errs)
+    return tracegrid.recheck(records, SAVER_FIELDS, _config, _estimate)
 
 
 def by_option(records: list[dict]) -> list[str]:

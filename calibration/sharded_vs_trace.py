@@ -17,12 +17,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tracegrid  # noqa: E402
+from tracegrid import LLAMA_GQA, ROOT, error  # noqa: E402,F401
 
 from memplan.result import Category  # noqa: E402
 
@@ -30,10 +30,6 @@ RECORDS = ROOT / "calibration" / "sharded-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "SHARDED-VS-TRACE.md"
 MEDIAN_TARGET, WORST_TARGET = 0.01, 0.03
 
-# The Llama-style model of analytic_vs_trace.py: grouped-query attention, gated MLP, untied head.
-LLAMA_GQA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1376,
-             "max_position_embeddings": 2048, "tie_word_embeddings": False}
 FIELDS = ("model", "method", "scheme", "sharding", "num_gpus", "dtype", "batch", "seq")
 CASES = (("fo-adam", "ft"), ("fo-adam", "lora"), ("zo-sgd", "ft"))
 GRID = [(model, method, scheme, sharding, n, "bf16", 4, 256)
@@ -68,61 +64,21 @@ def _analytic(cfg) -> tuple[int | None, str]:
     return est.peak_allocated_bytes - est.components.get(Category.WORKSPACE, 0), est.peak_phase.value
 
 
-def _key(row) -> str:
-    return json.dumps(list(row))
+def _estimate(cfg) -> dict:
+    analytic, phase = _analytic(cfg)
+    return {"analytic_bytes": analytic, "analytic_phase": phase}
 
 
 def run(rows: list[tuple], out: Path, *, fresh: bool = False) -> list[dict]:
     """Trace every row not yet recorded (all with `fresh`), appending one JSON line per record."""
-    from memplan.errors import MemplanError
-    from memplan.tracing import trace_step
+    return tracegrid.run(rows, out, FIELDS, _config, _estimate, fresh=fresh,
+                         traced_fields=lambda peak: {"trace_phases": {p.value: n for p, n in peak.phases.items()}})
 
-    done = {} if fresh or not out.is_file() else {
-        _key(tuple(r["config"][f] for f in FIELDS)): r for r in map(json.loads, out.read_text().splitlines()) if r}
-    if fresh and out.is_file():
-        out.unlink()
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for i, row in enumerate(rows, 1):
-            if _key(row) in done:
-                continue
-            cfg = _config(row, str(llama))
-            start = time.perf_counter()
-            try:
-                traced = trace_step(cfg)
-            except MemplanError as e:
-                print(f"[{i}/{len(rows)}] {row}: cannot trace: {e}", flush=True)
-                continue
-            seconds = time.perf_counter() - start
-            rec = {"config": dict(zip(FIELDS, row)),
-                   "trace_bytes": traced.peak.allocated, "trace_phase": traced.peak.phase.value,
-                   "trace_components": {c.value: n for c, n in traced.peak.components.items()},
-                   "trace_phases": {p.value: n for p, n in traced.peak.phases.items()},
-                   "trace_seconds": round(seconds, 1)}
-            rec["analytic_bytes"], rec["analytic_phase"] = _analytic(cfg)
-            with out.open("a") as f:  # one whole line per record: a killed run resumes where it stopped
-                f.write(json.dumps(rec) + "\n")
-            done[_key(row)] = rec
-            err = f"{error(rec):+.2%}" if rec["analytic_bytes"] is not None else rec["analytic_phase"]
-            print(f"[{i}/{len(rows)}] {row}: trace {traced.peak.allocated:,} analytic "
-                  f"{rec['analytic_bytes']} ({err})", flush=True)
-    return [done[_key(r)] for r in rows if _key(r) in done]
-
-
-def error(rec: dict) -> float:
-    return (rec["analytic_bytes"] - rec["trace_bytes"]) / rec["trace_bytes"]
 
 
 def recheck(records: list[dict]) -> list[dict]:
     """Re-estimate every recorded configuration with the current analytic model."""
-    with tempfile.TemporaryDirectory() as d:
-        llama = Path(d) / "config.json"
-        llama.write_text(json.dumps(LLAMA_GQA))
-        for rec in records:
-            row = tuple(rec["config"][f] for f in FIELDS)
-            rec["analytic_bytes"], rec["analytic_phase"] = _analytic(_config(row, str(llama)))
-    return records
+    return tracegrid.recheck(records, FIELDS, _config, _estimate)
 
 
 def summary(records: list[dict]) -> tuple[float, float, int]:
