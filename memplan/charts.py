@@ -128,11 +128,11 @@ def _subtitle(cfg: Config, *, skip: str = "") -> str:
 
 def _peaks(model: str, methods: list[Method | str], gpu: hardware.Gpu, options: dict) -> list:
     from memplan.api import estimate_config
-    from memplan.spec import resolve
+    from memplan.pipeline import model_of
 
     if not methods:
         raise MemplanError("--methods: name at least one method, or all")
-    spec = resolve(model)
+    spec = model_of(model)
     return [estimate_config(Config(model=model, method=m, **options), gpu, search=False, spec=spec) for m in methods]
 
 
@@ -200,13 +200,13 @@ def _gpu_sweep(model: str, methods: list[Method | str], g: hardware.Gpu, cap: Ca
     """Per-GPU peak against the number of GPUs: a line per sharding mode (and method, when several); a
     point a mode refuses (ZO with ZeRO offload of parameters, say) is left out (None)."""
     from memplan.api import estimate_config
-    from memplan.spec import resolve
+    from memplan.pipeline import model_of
 
     if not methods:
         raise MemplanError("--methods: name at least one method, or all")
     asked = Sharding.parse(options.get("sharding", Sharding.AUTO))
     modes = SWEPT_SHARDINGS if asked is Sharding.AUTO else (asked,)
-    spec = resolve(model)
+    spec = model_of(model)
     base = {k: v for k, v in options.items() if k not in ("num_gpus", "sharding", "nodes")}
     nodes = options.get("nodes", 1)
     peak: dict[str, list[int | None]] = {}

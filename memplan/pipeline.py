@@ -9,6 +9,9 @@ verdict and searches the largest batch and sequence that fit. So the tiers canno
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +85,42 @@ def hand_formulas(spec) -> bool:
     return isinstance(spec, ModelSpec) and arch.find(spec.model_type) is not None
 
 
+def approximate(spec) -> bool:
+    """Whether the spec's closed-form activations are borrowed from another family (a table type's
+    generic formulas, `memplan.arch._generic`): such a family is traced once on first use instead."""
+    return isinstance(spec, ModelSpec) and bool(spec.arch.activations_note)
+
+
+# Tracing a missing profile on first use (table families; torch installed): on unless the user says
+# MEMPLAN_TRACE=never, and off inside `formulas_only()`: suggestions try many changed options, each of
+# which would be a trace, so for a table family they compare its formulas with its formulas.
+TRACE_ENV = "MEMPLAN_TRACE"
+_first_use = contextvars.ContextVar("memplan_first_use_trace", default=True)
+
+
+@contextlib.contextmanager
+def formulas_only():
+    """Within: no profile is traced on first use; table families answer from their formulas."""
+    token = _first_use.set(False)
+    try:
+        yield
+    finally:
+        _first_use.reset(token)
+
+
+def _tracing_off() -> bool:
+    """MEMPLAN_TRACE=never; MemplanError for a value other than auto or never."""
+    value = os.environ.get(TRACE_ENV, "").strip().lower()
+    if value not in ("", "auto", "never"):
+        raise MemplanError(f"{TRACE_ENV}={value!r}: valid values are auto (the default) and never")
+    return value == "never"
+
+
+def traces_on_first_use() -> bool:
+    """Whether a missing profile of a table family is traced now (see `TRACE_ENV`)."""
+    return _first_use.get() and not _tracing_off() and _have_torch()
+
+
 @dataclass(frozen=True)
 class AnalyticTier:
     """Closed-form phases: a stored profile's formulas of batch and seq (`memplan.profile`) where one
@@ -92,29 +131,45 @@ class AnalyticTier:
 
     def tensor_peak(self, cfg: Config, spec: ModelSpec | None, fam: hardware.Family) -> TensorPeak:
         spec = spec or model_of(cfg.model)
-        found = profiled_peak(cfg, spec)
+        failed = None
+        try:
+            found = profiled_peak(cfg, spec)
+        except MemplanError as e:
+            if not approximate(spec) or not traces_on_first_use():
+                raise
+            found, failed = None, e  # the trace could not run these options: the formulas answer, and say so
         if found is not None:
             return found
         phase, comps, totals = analytic.peak(cfg, spec, fam)
-        note = spec.arch.activations_note
+        notes = (spec.arch.activations_note,) if spec.arch.activations_note else ()
+        if failed is not None:
+            notes += (f"tracing exact activations failed ({failed}), so these are approximate",)
         return TensorPeak(phase, comps, totals, spec.name, analytic.trainable(cfg, spec).params, spec.param_count,
-                          warnings=(note,) if note else (), host_bytes=analytic.host_bytes(cfg, spec))
+                          warnings=notes, host_bytes=analytic.host_bytes(cfg, spec))
 
 
 def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak | None:
     """The tensor bytes from the configuration's profile; None where the hand formulas answer instead.
 
-    `make`: trace a missing profile now (default: only for a family without hand formulas)."""
+    `make`: trace a missing profile now (default: for a family without hand formulas, and for a table
+    family whose formulas are approximate when `traces_on_first_use`)."""
     hand = hand_formulas(spec)
     if hand and not _one_device(cfg):  # a profile is one GPU's step; the layouts are the hand formulas' stage
         return None
+    if approximate(spec) and not _first_use.get():  # `formulas_only`: compare like with like
+        return None
+    if make is None:
+        make = approximate(spec) and traces_on_first_use() if hand else not _tracing_off()
+        if not hand and not make and profile.find(spec.config, cfg) is None:
+            raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
+                               f"{spec.model_type!r} and tracing them is off ({TRACE_ENV}=never)")
     prof = profile.find(spec.config, cfg)
-    if prof is None and (not hand if make is None else make):
+    if prof is None and make:
         prof = make_profile(cfg, spec, at=(cfg.batch, cfg.seq))
     if prof is None:
         return None
     peak = prof.peak(cfg.batch, cfg.seq)
-    if peak is None and not hand and prof.source == "symbolic" and _have_torch():
+    if peak is None and make and prof.source == "symbolic" and _have_torch():
         prof = make_profile(cfg, spec, into=prof, at=(cfg.batch, cfg.seq))  # trace its regime, keep it
         peak = prof.peak(cfg.batch, cfg.seq)
     if peak is None:
@@ -158,6 +213,9 @@ def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None,
     refuse = analytic.not_modelled(cfg)
     if refuse:
         raise MemplanError(refuse)
+    if profile.announce is not None:
+        profile.announce(f"tracing {spec.name} {cfg.method.value} once at batch {at[0] if at else cfg.batch} x seq "
+                       f"{at[1] if at else cfg.seq} (exact activations; cached for later answers)")
     prof = build_profile(cfg, into=into, at=at)
     profile.store(spec.config, cfg, prof)
     return prof

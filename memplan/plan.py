@@ -71,7 +71,8 @@ class Run(Config):
     @classmethod
     def _resolve_model(cls, value, info: ValidationInfo):
         """Check the model exists; a path is taken relative to the plan file."""
-        from memplan.spec import catalog_names, resolve
+        from memplan.pipeline import model_of
+        from memplan.spec import catalog_names
 
         if not isinstance(value, str):
             raise ValueError(f"a model name or path (`memplan models` lists them), got {_show(value)}")
@@ -81,7 +82,7 @@ class Run(Config):
             candidate = Path(base) / value
             if _as_value_error(Path.exists, candidate):
                 value = str(candidate)
-        _as_value_error(resolve, value)
+        _as_value_error(model_of, value)
         return value
 
     def configs(self) -> list[Config]:
@@ -332,8 +333,7 @@ def check(pf: PlanFile, notes: list[str] | None = None) -> list[Result]:
     """
     from memplan.api import judge
     from memplan.hardware import get_gpu
-    from memplan.pipeline import each
-    from memplan.spec import resolve
+    from memplan.pipeline import each, formulas_only, model_of
     from memplan.suggest import fixes
 
     plan = pf.plan
@@ -342,7 +342,7 @@ def check(pf: PlanFile, notes: list[str] | None = None) -> list[Result]:
     out = []
     for i, (run, name) in enumerate(zip(plan.runs, plan.run_names())):
         estimate = _estimator(run.tier or plan.tier)
-        spec = resolve(run.model)
+        spec = model_of(run.model)
         line = pf.run_lines[i] if i < len(pf.run_lines) else None
         every = set(run.method) == set(Method)
         for gpu in gpus:
@@ -353,6 +353,7 @@ def check(pf: PlanFile, notes: list[str] | None = None) -> list[Result]:
             for est in ests:
                 result = Result(pf.path, name, line, gpu.name, gpu.total_bytes, margin.bytes_of(gpu.total_bytes), est)
                 if not result.fits:
-                    result.fixes = fixes(est, spec, gpu, margin=margin)
+                    with formulas_only():  # each change would otherwise be a trace of a table family
+                        result.fixes = fixes(est, spec, gpu, margin=margin)
                 out.append(result)
     return out

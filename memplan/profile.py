@@ -33,6 +33,7 @@ from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 
 FORMAT = 1
+announce = None  # a callable(line) told before a profile is traced on first use (the CLI's status line)
 SHIPPED = Path(__file__).with_name("data") / "profiles"
 _NAMES = ("b", "s")
 

@@ -224,10 +224,13 @@ def describe(found: list[Fix], *, plan_keys: bool = False) -> str:
 
 def suggestions(est: Estimate, spec: ModelSpec, gpu: hardware.Gpu | None) -> list[str]:
     """Readable lines: what would make a non-fitting estimate fit."""
+    from memplan.pipeline import formulas_only
+
     if gpu is None or est.fits is not False:
         return []
-    found = fixes(est, spec, gpu)
-    saved = savings(est, spec, gpu)
+    with formulas_only():  # each change would otherwise be a trace of a table family
+        found = fixes(est, spec, gpu)
+        saved = savings(est, spec, gpu)
     lines = [f"{est.method.value} would fit with: {describe(found)}" if found
              else f"{est.method.value}: no single change found that makes it fit on {gpu.name}"]
     if saved:

@@ -15,6 +15,7 @@ Imports torch, sympy (through torch) and numpy: only on the trace path.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from memplan.errors import MemplanError
 from memplan.options import Config
@@ -229,10 +230,9 @@ def trace_profile(cfg: Config, *, into: Profile | None = None, at: tuple[int, in
     """The profile of `cfg` (its batch and seq are ignored): symbolic traces until the (b, s) grid with
     s >= `min_seq` is covered. `into`: a profile to extend with the regime of the point `at` (a query
     that fell outside its regimes). Sequences of 1 token are left to such a later extension: each
-    regime costs a trace of the whole model."""
+    regime costs a trace of the whole model, or of three shallow copies of it (`memplan.depth`)."""
     from memplan.build import model_config_dict
     from memplan.profile import evaluate
-    from memplan.tracing import trace_step
 
     name, config_dict = model_config_dict(cfg.model)
     context = context or context_length(config_dict)
@@ -242,35 +242,121 @@ def trace_profile(cfg: Config, *, into: Profile | None = None, at: tuple[int, in
                for r in into.regimes] if into else []
     uncovered = [p for p in points if _holds_none(p, regimes)] if at is None else []
     hints = [at] if at else [(1, min(512, context)), (min(4, max_batch), min(512, context))]
-    traced = None
+    facts = None
+    pl = _depth_plan(config_dict)
     for _ in range(max_traces):
         hint = next((h for h in hints if _holds_none(h, regimes)), None)
         if hint is None and not uncovered:
             break
         hint = hint or uncovered[len(uncovered) // 2]
         start = time.perf_counter()
-        traced = trace_step(cfg.model_copy(update={"batch": hint[0], "seq": hint[1]}), symbolic=True)
-        names = {}
-        for letter, size, want in zip(("b", "s"), traced.sizes, hint):
-            if not isinstance(size, int):
-                names[size.node.expr] = letter
-                pinned = traced.shape_env.replace(size.node.expr)
-                if pinned.is_Integer:
-                    raise Pinned(f"{cfg.method.value} pins {'batch' if letter == 'b' else 'seq'} to its "
-                                 f"hint {want}: its step does not trace symbolically")
-        when = _regime_condition(traced, names)
+        found = _shallow_regime(cfg, config_dict, pl, hint, terms, log) if pl else None
+        if found is None:
+            found = _full_regime(cfg, hint, terms)
+        when, rows, facts, how = found
         if not evaluate(when, *hint):  # the trace's own hint must lie in its regime, or the guards are wrong
             raise MemplanError(f"symbolic trace of {name}: its regime {when} excludes its hint {hint}")
-        rows = _rows(traced, terms, names)
         kept = _prune(rows, terms.texts, [p for p in [*points, hint] if evaluate(when, *p)])
         regimes.append((when, [rows[i] for i in kept]))
         uncovered = [p for p in uncovered if not evaluate(when, *p)]
         if log:
-            log(f"traced {name} at b={hint[0]}, s={hint[1]} in {time.perf_counter() - start:.1f} s: "
+            log(f"traced {name} at b={hint[0]}, s={hint[1]} {how} in {time.perf_counter() - start:.1f} s: "
                 f"{len(rows)} moments, {len(kept)} kept, regime {when}")
-    if traced is None and into is None:
+    if facts is None and into is None:
         raise MemplanError(f"symbolic trace of {name}: nothing to trace")
-    return _profile(name, cfg, terms, regimes, traced, into)
+    return _profile(name, cfg, terms, regimes, facts, into)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    trainable_params: int
+    total_params: int
+    warnings: tuple
+
+
+def _names(traced, hint, cfg: Config) -> dict:
+    """The trace's batch and seq symbols by letter; Pinned where the step made one concrete."""
+    names = {}
+    for letter, size, want in zip(("b", "s"), traced.sizes, hint):
+        if not isinstance(size, int):
+            names[size.node.expr] = letter
+            pinned = traced.shape_env.replace(size.node.expr)
+            if pinned.is_Integer:
+                raise Pinned(f"{cfg.method.value} pins {'batch' if letter == 'b' else 'seq'} to its "
+                             f"hint {want}: its step does not trace symbolically")
+    return names
+
+
+def _full_regime(cfg: Config, hint, terms: _Terms):
+    """(condition, moments, facts, how) of one symbolic trace of the whole model at `hint`."""
+    from memplan.tracing import trace_step
+
+    traced = trace_step(cfg.model_copy(update={"batch": hint[0], "seq": hint[1]}), symbolic=True)
+    names = _names(traced, hint, cfg)
+    facts = _Facts(traced.trainable_params, traced.total_params, tuple(traced.warnings))
+    return _regime_condition(traced, names), _rows(traced, terms, names), facts, "at full depth"
+
+
+def _depth_plan(config_dict: dict):
+    from memplan import depth
+
+    return depth.plan(config_dict)
+
+
+def _shallow_regime(cfg: Config, config_dict: dict, pl, hint, terms: _Terms, log):
+    """`_full_regime` from three shallow copies (`memplan.depth`); None where they do not extrapolate."""
+    from memplan import depth
+    from memplan.tracing import trace_step
+
+    moments, whens, facts = [], [], []
+    for d in pl.depths:
+        with depth.ShallowCopy(config_dict, pl, d) as path:
+            traced = trace_step(cfg.model_copy(update={"model": path, "batch": hint[0], "seq": hint[1]}),
+                                symbolic=True, layers=True)
+        names = _names(traced, hint, cfg)
+        whens.append(_regime_condition(traced, names))
+        moments.append(depth.keyed_moments(traced, pl, d, _vectors(terms, names)))
+        facts.append(traced)
+    n = pl.steps
+    counts = [(f.trainable_params, f.total_params) for f in facts]
+    ext = depth.extrapolate(moments, pl, _scale, _add, _equal) if len(set(whens)) == 1 else None
+    if ext is None or any(c - b != b - a for a, b, c in zip(*counts)):
+        if log:
+            log(f"{cfg.model}: {pl.depths}-layer copies do not extrapolate in depth; tracing all {pl.layers} layers")
+        return None
+    (t1, p1), (t2, p2), _ = counts
+    seen: dict[tuple, tuple] = {}
+    for phase, cats in ext.values():
+        cats = {c: v for c, v in cats.items() if v}
+        seen.setdefault((phase, tuple((c, tuple(sorted(v.items()))) for c, v in cats.items())), (phase, cats))
+    f = _Facts(t1 + n * (t2 - t1), p1 + n * (p2 - p1), tuple(facts[0].warnings))
+    return whens[0], list(seen.values()), f, f"from {'/'.join(map(str, pl.depths))}-layer copies"
+
+
+def _vectors(terms: _Terms, names: dict):
+    vecs: dict[int, _Vec] = {}
+
+    def nbytes(rec):
+        if rec is None:
+            return _Vec()
+        v = vecs.get(id(rec))
+        if v is None:
+            v = vecs[id(rec)] = terms.vec(rec.nbytes, names)
+        return v
+
+    return nbytes
+
+
+def _scale(v, k: int):
+    return _Vec({i: k * x for i, x in (v or {}).items() if k * x})
+
+
+def _add(a, b):
+    return _Vec(a or {}) + _Vec(b or {})
+
+
+def _equal(a, b) -> bool:
+    return dict(a or {}) == dict(b or {})
 
 
 def _holds_none(point, regimes) -> bool:

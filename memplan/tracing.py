@@ -99,7 +99,7 @@ def _fake_tensors(model, *, fake_mode, device: str):
 
 def trace_step(config: Config, *, real: bool = False,
                on_phase: Callable[[str, Phase], None] | None = None, seed: int = 0,
-               symbolic: bool = False) -> Traced:
+               symbolic: bool = False, layers: bool = False) -> Traced:
     """Run a warm-up and a measured step under the tracker; return the measured step's peak.
 
     real=True runs the same step on real CPU tensors (random weights), for fake-against-real checks.
@@ -108,6 +108,7 @@ def trace_step(config: Config, *, real: bool = False,
     every byte count becomes a formula of the two, and the caller replays `Traced.tracker`'s events
     (`memplan.symbolic`); no peak is taken here, since comparing formulas would pin them.
     With several GPUs (fsdp, ddp) this process runs rank 0 in a fake process group.
+    layers=True labels the events by decoder layer (`LiveBytes.label_layers`, for depth extrapolation).
     """
     import torch
 
@@ -152,6 +153,8 @@ def trace_step(config: Config, *, real: bool = False,
         for t in [*model.parameters(), *model.buffers(), *_quant_state(config, model)]:
             seen.setdefault(id(t), t)
         tracker.adopt(seen.values(), Category.WEIGHTS)
+        if layers:
+            tracker.label_layers(decoder_layers(model, base))
         params = trainable(model)
         n_train = sum(p.numel() for _, p in params)  # a DTensor's numel is the whole tensor's
         label = ["warm-up"]
@@ -193,6 +196,18 @@ def trace_step(config: Config, *, real: bool = False,
     peak = None if symbolic else tracker.peak(start)
     return Traced(peak, n_train, total, warnings, tracker=tracker, start=start, sizes=sizes,
                   shape_env=mode.shape_env if symbolic else None)
+
+
+def decoder_layers(model, base) -> list[tuple[int, list]]:
+    """(index, parameters) of each decoder layer: the children of the outermost ModuleList with
+    `num_hidden_layers` entries (`model.layers`, `transformer.h`, `encoder.layer`...)."""
+    import torch
+
+    n = getattr(base, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+            return [(i, list(layer.parameters())) for i, layer in enumerate(module)]
+    raise MemplanError(f"{type(model).__name__}: no list of {n} decoder layers found")
 
 
 def _quant_state(config: Config, model) -> list:

@@ -52,7 +52,8 @@ from memplan.result import Category, Phase
 from memplan.overhead import ROUND, round_block
 from memplan.steps import Hooks
 
-_ALLOC, _FREE, _BIND, _PHASE = 0, 1, 2, 3
+_ALLOC, _FREE, _BIND, _PHASE, _LAYER = 0, 1, 2, 3, 4
+MULTI = -1  # the layer label of an op that reads several layers' parameters (a foreach optimizer step)
 _BERNOULLI = (torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor)
 # Autograd's zeros for an input without a tangent or gradient: ATen's ZeroTensorAllocator gives the
 # storage a size and a null data pointer on every device, so it holds no memory.
@@ -102,6 +103,9 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         self.events: list[tuple] = []
         self.current = Phase.LOAD
         self._regions: list[Category] = []
+        self.layer_of: dict[int, int] = {}  # storage key -> decoder layer index (`label_layers`)
+        self._layer_params: list[tuple[int, list]] = []
+        self._layer: int | None = None
 
     # ---- the dispatch mode ----
 
@@ -122,6 +126,8 @@ class LiveBytes(Hooks, dispatch_mode_base()):
                 return out  # DTensor's shape propagation: nothing allocated
         else:
             out = func(*args, **kwargs)
+        if self.layer_of:
+            self._label(args, kwargs)
         scratch = self._scratch(func, args, kwargs)
         inputs = None
         for t in tree_leaves(out):
@@ -151,6 +157,20 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         if scratch is not None:
             self.events.append((_FREE, scratch))
         return out
+
+    def _label(self, args, kwargs) -> None:
+        """A layer event where the op reads a decoder layer's parameters and the last one read another's."""
+        found = None
+        for a in tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor):
+                i = self.layer_of.get(storage_key(a.untyped_storage()))
+                if i is not None and i != found:
+                    found = i if found is None else MULTI
+                    if found == MULTI:
+                        break
+        if found is not None and found != self._layer:
+            self._layer = found
+            self.events.append((_LAYER, found))
 
     def _scratch(self, func, args, kwargs) -> _Rec | None:
         """A buffer CUDA allocates inside `func` and frees before it returns (see the module doc)."""
@@ -200,6 +220,8 @@ class LiveBytes(Hooks, dispatch_mode_base()):
         return rec
 
     def _free(self, key: int) -> None:
+        if self.layer_of:
+            self.layer_of.pop(key, None)
         rec = self.live.pop(key, None)
         if rec is not None:
             self.events.append((_FREE, rec))
@@ -208,7 +230,24 @@ class LiveBytes(Hooks, dispatch_mode_base()):
 
     def phase(self, phase: Phase) -> None:
         self.current = phase
+        self._relabel()
         self.events.append((_PHASE, phase))
+
+    def label_layers(self, layers) -> None:
+        """Mark ops by decoder layer: `layers` is (index, tensors) for each layer, its parameters.
+        The replay (`walk(labels=True)`) then says which layer's ops each moment belongs to, which is
+        how `memplan.depth` matches the moments of shallow copies of a model to extrapolate in depth."""
+        self._layer_params = [(i, list(tensors)) for i, tensors in layers]
+        self._relabel()
+
+    def _relabel(self) -> None:
+        """The layer map from the parameters' storages now (MeZO's `p.data = p.data + z` gives a weight a
+        new storage; a freed storage's key leaves the map, so a later one at its address is not taken
+        for a weight). Called at each phase boundary."""
+        self._layer = None
+        if self._layer_params:
+            self.layer_of = {storage_key(_compat.local_tensor(t).untyped_storage()): i
+                             for i, tensors in self._layer_params for t in tensors}
 
     @contextlib.contextmanager
     def region(self, category: Category):
@@ -253,6 +292,7 @@ class LiveBytes(Hooks, dispatch_mode_base()):
 
     def mark(self) -> int:
         """An index into the events: `peak(start=mark())` looks only at what follows."""
+        self._relabel()
         self.events.append((_PHASE, self.current))
         return len(self.events) - 1
 
@@ -278,9 +318,10 @@ class LiveBytes(Hooks, dispatch_mode_base()):
                     break
         return found
 
-    def walk(self, start: int = 0, nbytes=None):
+    def walk(self, start: int = 0, nbytes=None, labels: bool = False):
         """Replay the events; after `start`, yield (event, phase, total, totals by category) wherever the
         live total can reach a new high (an allocation or a phase boundary). The dicts are live: copy to keep.
+        `labels`: also yield at every free and layer event (`label_layers`), whose event is (4, layer index).
 
         `nbytes(rec)` gives a record's bytes (default: its own); `memplan.symbolic` passes bytes as
         formulas of batch and seq, so one replay serves every (batch, seq).
@@ -324,6 +365,12 @@ class LiveBytes(Hooks, dispatch_mode_base()):
                 n = size(rec)
                 totals[c] = totals[c] - n
                 total = total - n
+                if labels and i >= start:
+                    yield ev, phase, total, totals
+                continue
+            elif kind == _LAYER:
+                if labels and i >= start:
+                    yield ev, phase, total, totals
                 continue
             elif kind == _BIND:
                 rec, c = ev[1], ev[2]

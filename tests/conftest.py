@@ -65,6 +65,14 @@ def _no_user_profiles(tmp_path_factory, monkeypatch):
     profile._LOADED.clear()
 
 
+@pytest.fixture(autouse=True)
+def _formulas_unless_asked(monkeypatch):
+    """A table family answers from its formulas (MEMPLAN_TRACE=never) unless a test sets
+    MEMPLAN_TRACE=auto: the default, a trace on first use, costs seconds per configuration; the tests
+    of that path ask for it."""
+    monkeypatch.setenv("MEMPLAN_TRACE", "never")
+
+
 @pytest.fixture
 def package_corrections(tmp_path, monkeypatch):
     """Point the corrections memplan reads at a temporary file (the test writes it)."""

@@ -190,6 +190,10 @@ def test_unknown_type_traces_on_first_use_then_answers_from_the_cache(tmp_path, 
                                   max_position_embeddings=64).to_dict()
     write(d, fields)
     cfg = Config(model=str(d), method="zo-sgd", dtype="bf16", batch=3, seq=20)
+    with pytest.raises(MemplanError, match="has no closed-form activations for model_type 'stablelm' and "
+                                           "tracing them is off"):
+        estimate_config(cfg, search=False)  # the suite's MEMPLAN_TRACE=never
+    monkeypatch.setenv("MEMPLAN_TRACE", "auto")
     first = estimate_config(cfg, search=False)
     assert len(list(profile.cache_dir().glob("*.json"))) == 1
     profile._LOADED.clear()
@@ -209,13 +213,14 @@ def test_unknown_type_traces_on_first_use_then_answers_from_the_cache(tmp_path, 
     assert len(json.loads(path.read_text())["regimes"]) == 2
 
 
-def test_a_table_family_is_exact_once_profiled(tmp_path):
-    """qwen3's activations borrow llama's formulas (approximate, said in a warning) until `memplan profile`
-    traces its profile; from then on the analytic tier gives the trace's bytes and no warning."""
+def test_a_table_family_is_traced_on_first_use(tmp_path, monkeypatch, capsys):
+    """qwen3's activations borrow llama's formulas (approximate, said in a warning) where tracing is off
+    (MEMPLAN_TRACE=never); by default the first estimate traces its profile, caches it, and gives the
+    trace's bytes with no warning; the CLI says so on stderr while it traces."""
     from transformers import AutoConfig
 
     from memplan.api import estimate_config
-    from memplan.pipeline import make_profile, model_of
+    from memplan.cli import main
     from memplan.tracing import trace
 
     fields = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -225,11 +230,19 @@ def test_a_table_family_is_exact_once_profiled(tmp_path):
     cfg = Config(model=str(tmp_path), method="fo-adam", dtype="bf16", batch=3, seq=20)
     before = estimate_config(cfg, search=False)
     assert any("approximate" in w for w in before.warnings)
-    make_profile(cfg, model_of(cfg.model))
-    profile._LOADED.clear()
+    assert not list(profile.cache_dir().glob("*.json"))
+    monkeypatch.setenv("MEMPLAN_TRACE", "auto")
     after, traced = estimate_config(cfg, search=False), trace(cfg)
     assert after.peak_allocated_bytes == traced.peak_allocated_bytes
     assert not any("approximate" in w for w in after.warnings)
+    assert len(list(profile.cache_dir().glob("*.json"))) == 1
+    with pytest.raises(SystemExit) as done:  # the CLI: a status line on stderr before the trace of a new option
+        main(["fit", str(tmp_path), "-m", "fo-sgd", "--dtype", "bf16", "--batch", "3", "--seq", "20"])
+    assert done.value.code == 0
+    assert "memplan: tracing" in capsys.readouterr().err
+    monkeypatch.setenv("MEMPLAN_TRACE", "sometimes")
+    with pytest.raises(MemplanError, match="MEMPLAN_TRACE='sometimes': valid values are auto"):
+        estimate_config(cfg.replace(method="zo-adam"), search=False)
 
 
 def test_unknown_type_without_torch_says_what_to_install(tmp_path, monkeypatch):
@@ -241,6 +254,7 @@ def test_unknown_type_without_torch_says_what_to_install(tmp_path, monkeypatch):
                      "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128})
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setenv("MEMPLAN_TRACE", "auto")
     with pytest.raises(SystemExit) as e:
         main(["fit", str(tmp_path), "--gpu", "a100-80gb"])
     assert e.value.code == 2

@@ -284,8 +284,8 @@ def template(model_type: str) -> str:
 
 def note(model_type: str) -> str:
     return (f"activations for {model_type} are approximate (the {template(model_type)} family's per-layer "
-            f"formulas); parameters are exact. `memplan profile` with the same options traces exact ones once "
-            f"(torch), and fit uses them from then on")
+            f"formulas); parameters are exact. With torch installed (pip install 'memplan[torch]') memplan "
+            f"traces exact ones on first use and caches them, unless MEMPLAN_TRACE=never")
 
 
 def register_type(mt: str) -> Arch:

@@ -16,6 +16,9 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from memplan import profile
+
+        profile.announce = lambda line: typer.echo(f"memplan: {line}", err=True)
         try:
             return fn(*args, **kwargs)
         except MemplanError as e:
