@@ -210,20 +210,22 @@ def keyed_moments(traced, pl: Plan, depth: int, nbytes) -> dict:
 
 
 def extrapolate(moments: list[dict], pl: Plan, scale, add, equal) -> dict | None:
-    """The model's moments from those of the three copies, or None where the copies do not agree with
-    bytes affine in depth. `scale(v, k)`, `add(a, b)` and `equal(a, b)` work on one category's bytes."""
-    one, two, three = moments
-    if not (one.keys() == two.keys() == three.keys()):
+    """The model's moments from those of the first two copies; given the third copy's too, None where it
+    is not exactly their extrapolation (or the keys or phases differ). `scale(v, k)`, `add(a, b)` and
+    `equal(a, b)` work on one category's bytes (a formula vector, or an integer)."""
+    one, two = moments[0], moments[1]
+    three = moments[2] if len(moments) > 2 else None
+    if one.keys() != two.keys() or three is not None and three.keys() != one.keys():
         return None
     out = {}
     for key, (phase, c1) in one.items():
         p2, c2 = two[key]
-        p3, c3 = three[key]
-        if not (phase == p2 == p3):
+        if p2 != phase or three is not None and three[key][0] != phase:
             return None
-        cats = set(c1) | set(c2) | set(c3)
+        cats = set(c1) | set(c2) | (set(three[key][1]) if three is not None else set())
         step = {c: add(c2.get(c), scale(c1.get(c), -1)) for c in cats}
-        if any(not equal(add(c1.get(c), scale(step[c], 2)), c3.get(c)) for c in cats):
+        if three is not None and any(not equal(add(c1.get(c), scale(step[c], 2)), three[key][1].get(c))
+                                     for c in cats):
             return None
         out[key] = (phase, {c: add(c1.get(c), scale(step[c], pl.steps)) for c in cats})
     return out

@@ -169,7 +169,7 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
     if prof is None:
         return None
     peak = prof.peak(cfg.batch, cfg.seq)
-    if peak is None and make and prof.source == "symbolic" and _have_torch():
+    if peak is None and make and _have_torch():
         prof = make_profile(cfg, spec, into=prof, at=(cfg.batch, cfg.seq))  # trace its regime, keep it
         peak = prof.peak(cfg.batch, cfg.seq)
     if peak is None:

@@ -21,7 +21,7 @@ import time
 from memplan.errors import MemplanError
 from memplan.options import Config
 from memplan.profile import Profile, Regime, Row, context_length, installed_versions, options_of
-from memplan.result import Category, Phase
+from memplan.result import Category
 
 B1_TERMS = ("1", "s", "s*s")
 BN_TERMS = ("1", "s", "s*s", "b", "b*s", "b*s*s")
@@ -59,66 +59,121 @@ def fit_regimes(config_dict: dict, context: int) -> list[tuple[str, tuple, tuple
     return out
 
 
-def _moments(cfg: Config, b: int, s: int) -> tuple[list[Phase], "object", object]:
-    """(phase of each moment, moments x categories bytes, the trace) of one concrete trace."""
-    import numpy as np
-
+def _moments(cfg: Config, b: int, s: int, pl=None, depth: int = 0) -> tuple[dict, object]:
+    """({key: (phase, {category: bytes})}, the trace) of one concrete trace: the key of a moment is its
+    place in the replay, or in a shallow copy (`pl`, `depth` layers, `cfg.model` its config) the
+    layer-labelled key of `memplan.depth`."""
+    from memplan.depth import keyed_moments
     from memplan.tracing import trace_step
 
-    traced = trace_step(cfg.model_copy(update={"batch": b, "seq": s}))
-    cats = list(Category)
-    phases, rows = [], []
-    for _, phase, _, totals in traced.tracker.walk(traced.start):
-        phases.append(phase)
-        rows.append([totals[c] for c in cats])
-    return phases, np.array(rows, dtype=np.float64), traced
+    traced = trace_step(cfg.model_copy(update={"batch": b, "seq": s}), layers=pl is not None)
+    if pl is not None:
+        return keyed_moments(traced, pl, depth, None), traced
+    out = {}
+    for k, (_, phase, _, totals) in enumerate(traced.tracker.walk(traced.start)):
+        out[k] = (phase, dict(totals))
+    return out, traced
 
 
-def probe_profile(cfg: Config, *, log=None) -> Profile:
-    """Fit the profile of `cfg` (its batch and seq are ignored) from 11 concrete traces (22 with a window)."""
+def _fit(runs: list[dict], points, terms, name: str, cfg: Config) -> dict:
+    """{key: (phase, {category: {term index: integer coefficient}})}: each moment's bytes fitted by least
+    squares over the points, rounded to integers."""
     import numpy as np
 
+    from memplan.profile import evaluate
+
+    keys = list(runs[0])
+    if any(list(r) != keys or any(r[k][0] != runs[0][k][0] for k in keys) for r in runs):
+        raise MemplanError(f"probe of {name} {cfg.method.value}: the step's moments differ between (b, s) points "
+                           f"of one regime, so they cannot be fitted ({sorted({len(r) for r in runs})})")
+    cats = list(Category)
+    X = np.array([[evaluate(t, b, s) for t in terms] for b, s in points], dtype=np.float64)
+    Y = np.array([[[r[k][1].get(c, 0) for c in cats] for k in keys] for r in runs], dtype=np.float64)
+    coef, *_ = np.linalg.lstsq(X, Y.reshape(len(points), -1), rcond=None)
+    coef = np.rint(coef).astype(np.int64).reshape(len(terms), len(keys), len(cats))
+    out = {}
+    for j, k in enumerate(keys):
+        by_cat = {}
+        for ci, c in enumerate(cats):
+            v = {i: int(coef[i, j, ci]) for i in range(len(terms)) if coef[i, j, ci]}
+            if v:
+                by_cat[c] = v
+        out[k] = (runs[0][k][0], by_cat)
+    return out
+
+
+def _fitted_regime(cfg: Config, config_dict: dict, name: str, points, terms, pl, log):
+    """(fitted moments, facts) of one regime: at full depth, or (`pl`) from two shallow copies, checked by
+    a third at the regime's first point; None where that check fails (the caller probes the whole model)."""
+    from memplan import depth
+    from memplan.symbolic import _add, _equal, _Facts, _scale
+
+    if pl is None:
+        runs = [_moments(cfg, b, s) for b, s in points]
+        traced = runs[-1][1]
+        facts = _Facts(traced.trainable_params, traced.total_params, tuple(traced.warnings))
+        return _fit([m for m, _ in runs], points, terms, name, cfg), facts
+    fits, firsts, counts = [], [], []
+    for d in pl.depths:
+        with depth.ShallowCopy(config_dict, pl, d) as path:
+            copy = cfg.model_copy(update={"model": path})
+            if d == pl.depths[2]:
+                first, traced = _moments(copy, *points[0], pl, d)
+                firsts.append(first)
+                counts.append((traced.trainable_params, traced.total_params))
+                break
+            runs = [_moments(copy, b, s, pl, d) for b, s in points]
+        firsts.append(runs[0][0])
+        counts.append((runs[0][1].trainable_params, runs[0][1].total_params))
+        fits.append(_fit([m for m, _ in runs], points, terms, name, cfg))
+    plain = (lambda v, k: (v or 0) * k), (lambda a, b: (a or 0) + (b or 0)), (lambda a, b: (a or 0) == (b or 0))
+    if depth.extrapolate(firsts, pl, *plain) is None or any(c - b != b - a for a, b, c in zip(*counts)):
+        if log:
+            log(f"{name}: {pl.depths}-layer copies do not extrapolate in depth; probing all {pl.layers} layers")
+        return None
+    (t1, p1), (t2, p2), _ = counts
+    facts = _Facts(t1 + pl.steps * (t2 - t1), p1 + pl.steps * (p2 - p1), tuple(traced.warnings))
+    return depth.extrapolate(fits, pl, _scale, _add, _equal), facts
+
+
+def probe_profile(cfg: Config, *, log=None, at: tuple[int, int] | None = None, into: Profile | None = None) -> Profile:
+    """Fit the profile of `cfg` (its batch and seq are ignored) from 11 concrete traces (22 with a window);
+    a model of many layers from shallow copies of it (`memplan.depth`: 4 or 7 traces of each of two
+    copies per regime, and one of a third). `at`: fit only the regime of that (b, s), added to `into`."""
     from memplan.build import model_config_dict
+    from memplan.depth import plan
     from memplan.profile import evaluate
     from memplan.symbolic import _prune, grid
 
     name, config_dict = model_config_dict(cfg.model)
     context = context_length(config_dict)
     points_all = grid(context)
-    regimes, traced = [], None
-    cats = list(Category)
-    # A fit sees no regime edges of its own: the window split comes from the config.
+    pl = plan(config_dict)
+    regimes, facts = list(into.regimes) if into else [], into
     for when, points, terms in fit_regimes(config_dict, context):
+        if at is not None and not evaluate(when, *at) or any(r.when == when for r in regimes):
+            continue
         start = time.perf_counter()
-        runs = [_moments(cfg, b, s) for b, s in points]
-        traced = runs[-1][2]
-        lengths = {len(p) for p, _, _ in runs}
-        if len(lengths) != 1 or any(p != runs[0][0] for p, _, _ in runs):
-            raise MemplanError(f"probe of {name} {cfg.method.value}: the step's moments differ between "
-                               f"(b, s) points of one regime, so they cannot be fitted ({sorted(lengths)})")
-        X = np.array([[evaluate(t, b, s) for t in terms] for b, s in points], dtype=np.float64)
-        Y = np.stack([m for _, m, _ in runs])  # points x moments x categories
-        flat = Y.reshape(len(points), -1)
-        coef, *_ = np.linalg.lstsq(X, flat, rcond=None)
-        coef = np.rint(coef).astype(np.int64).reshape(len(terms), *Y.shape[1:])  # terms x moments x cats
-        phases = runs[0][0]
-        rows = []
-        for j, ph in enumerate(phases):
-            by_cat = {}
-            for ci, c in enumerate(cats):
-                v = {i: int(coef[i, j, ci]) for i in range(len(terms)) if coef[i, j, ci]}
-                if v:
-                    by_cat[c] = v
-            rows.append((ph, by_cat))
+        found = _fitted_regime(cfg, config_dict, name, points, terms, pl, log) if pl else None
+        how = f"from {'/'.join(map(str, pl.depths))}-layer copies" if found is not None else "at full depth"
+        if found is None:
+            pl = None
+            found = _fitted_regime(cfg, config_dict, name, points, terms, None, log)
+        fitted, made = found
         # moments repeat (a layer's are alike): keep one of each
         unique = list({(ph, tuple((c, tuple(sorted(v.items()))) for c, v in bc.items())): (ph, bc)
-                       for ph, bc in rows}.values())
+                       for ph, bc in fitted.values()}.values())
         kept = _prune(unique, list(TERMS), [p for p in points_all if evaluate(when, *p)])
         regimes.append(Regime(when, tuple(Row(ph, {c: tuple(sorted(v.items())) for c, v in bc.items()})
                                           for ph, bc in (unique[i] for i in kept))))
+        facts = facts or made
         if log:
-            log(f"probed {name} {when} from {len(points)} traces in {time.perf_counter() - start:.1f} s: "
-                f"{len(phases)} moments, {len(kept)} kept")
+            log(f"probed {name} {when} {how} in {time.perf_counter() - start:.1f} s: "
+                f"{len(fitted)} moments, {len(kept)} kept")
+    if facts is None:
+        raise MemplanError(f"probe of {name}: no regime holds b={at[0]}, s={at[1]}" if at else
+                           f"probe of {name}: nothing to fit")
     return Profile(TERMS, tuple(regimes), model=name, options=options_of(cfg), versions=installed_versions(),
-                   source="probe", trainable_params=traced.trainable_params, total_params=traced.total_params,
-                   warnings=tuple(traced.warnings))
+                   source="probe", trainable_params=facts.trainable_params, total_params=facts.total_params,
+                   warnings=tuple(facts.warnings))
+

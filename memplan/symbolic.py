@@ -394,7 +394,7 @@ def build_profile(cfg: Config, *, at: tuple[int, int] | None = None, into: Profi
     from memplan.probe import probe_profile
 
     if methods.get(cfg.method).family is methods.Family.FG:  # known to pin: skip the wasted trace
-        return probe_profile(cfg, log=log)
+        return probe_profile(cfg, log=log, at=at, into=into if into is not None and into.source == "probe" else None)
     try:
         return trace_profile(cfg, into=into, at=at, log=log)
     except MemplanError as e:  # pinned, or an op that takes no symbolic size (bert's token-type buffer)

@@ -93,3 +93,22 @@ def test_extrapolated_profiles_give_the_full_depth_trace(tmp_path, monkeypatch, 
         traced = trace_step(cfg.model_copy(update={"batch": b, "seq": s}))
         assert prof.peak(b, s).allocated == traced.peak.allocated, (b, s)
         assert (prof.trainable_params, prof.total_params) == (traced.trainable_params, traced.total_params)
+
+
+def test_forward_grad_probe_from_copies_and_one_regime_at_a_time(tmp_path, monkeypatch):
+    """forward-grad does not trace symbolically: its probe fits concrete traces, here of two copies (a
+    third checks them at one point), one regime at a time; within the probe's bound of the whole model."""
+    from memplan.probe import probe_profile
+    from memplan.tracing import trace_step
+
+    monkeypatch.setattr(depth, "TRACE_BASE_LAYERS", 0)
+    cfg = Config(model=write(tmp_path, TINY_QWEN3), method="forward-grad", dtype="bf16")
+    logs: list[str] = []
+    prof = probe_profile(cfg, at=(1, 40), log=logs.append)
+    assert len(prof.regimes) == 1 and "from 4/5/6-layer copies" in logs[0]
+    assert prof.peak(3, 40) is None  # b >= 2 is the other regime: fitted when first asked for (`into`)
+    for b, s in [(1, 40), (1, 61)]:
+        want = trace_step(cfg.model_copy(update={"batch": b, "seq": s}))
+        got = prof.peak(b, s)
+        assert abs(got.allocated - want.peak.allocated) <= 0.01 * want.peak.allocated, (b, s)
+        assert (prof.trainable_params, prof.total_params) == (want.trainable_params, want.total_params)
