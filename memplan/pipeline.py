@@ -161,6 +161,10 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
     if make is None:
         make = approximate(spec) and traces_on_first_use() if hand else not _tracing_off()
         if not hand and not make and profile.find(spec.config, cfg) is None:
+            if _have_torch():  # a type transformers does not know says so first
+                from memplan.build import hf_config
+
+                hf_config(cfg)
             raise MemplanError(f"{spec.name}: memplan has no closed-form activations for model_type "
                                f"{spec.model_type!r} and tracing them is off ({TRACE_ENV}=never)")
     prof = profile.find(spec.config, cfg)
