@@ -42,8 +42,32 @@ FAMILIES = {
     "phi3": {**_SMALL},
     "olmo2": {**_SMALL},
     "granite": {**_SMALL},
+    # the other families with tensor tables, and the hand ones (their profiles; the hand formulas beside)
+    "gemma": {**_SMALL, "head_dim": 16},
+    "gemma3_text": {**_SMALL, "head_dim": 16, "sliding_window": 1024},
+    "phi": {**_SMALL},
+    "gptj": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "rotary_dim": 8,
+             "n_positions": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    "gpt_neox": {**_SMALL, "rotary_pct": 0.25},
+    "falcon": {**_SMALL},
+    "bloom": {"vocab_size": 512, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0,
+              "bos_token_id": 1, "eos_token_id": 2},
+    "starcoder2": {**_SMALL},
+    "cohere": {**_SMALL},
+    "olmo": {**_SMALL},
+    "mixtral": {**_SMALL, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "qwen3_moe": {**_SMALL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "bert": {**_SMALL},
+    "roberta": {**_SMALL, "max_position_embeddings": 4098, "pad_token_id": 1, "bos_token_id": 0},
+    "opt": {"vocab_size": 512, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 4096, "word_embed_proj_dim": 64, "pad_token_id": 1, "bos_token_id": 2,
+            "eos_token_id": 2},
+    "gpt2": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 4096,
+             "bos_token_id": 1, "eos_token_id": 2},
 }
-EAGER_ONLY = {"gemma2"}  # transformers has no sdpa for it
+EAGER_ONLY = {"gemma2", "bloom"}  # transformers has no sdpa for them
 LORA_TARGETS = {"phi3": ("qkv_proj",), "olmo2": ("q_proj", "v_proj"), "granite": ("q_proj", "v_proj")}
 METHODS = (("fo-adam", "ft"), ("fo-sgd", "lora"), ("zo-sgd", "ft"), ("zo-adam", "ft"), ("forward-grad", "ft"))
 POINTS = ((1, 4096), (4, 1000), (8, 2048), (64, 64), (3, 333))

@@ -383,20 +383,21 @@ def _profile(name: str, cfg: Config, terms: _Terms, regimes, traced, into: Profi
 
 
 def build_profile(cfg: Config, *, at: tuple[int, int] | None = None, into: Profile | None = None,
-                  log=None) -> Profile:
+                  log=None, min_seq: int = 2) -> Profile:
     """The profile of `cfg`: one symbolic trace per regime, or for a step that pins batch or seq
     (forward-grad's dual tensors do) or fails on symbolic sizes, the probe's fit over concrete traces
     (`memplan.probe`); a step that cannot be traced at all raises the probe's error.
 
     `at`: trace only the regime of this (b, s) (added to `into`, if given): a first estimate pays
-    for one trace, and the other regimes are traced when a query first lands in them."""
+    for one trace, and the other regimes are traced when a query first lands in them. `min_seq` 1
+    covers one-token sequences too (a max-seq search starts there), at the cost of one more regime."""
     from memplan import methods
     from memplan.probe import probe_profile
 
     if methods.get(cfg.method).family is methods.Family.FG:  # known to pin: skip the wasted trace
         return probe_profile(cfg, log=log, at=at, into=into if into is not None and into.source == "probe" else None)
     try:
-        return trace_profile(cfg, into=into, at=at, log=log)
+        return trace_profile(cfg, into=into, at=at, log=log, min_seq=min_seq)
     except MemplanError as e:  # pinned, or an op that takes no symbolic size (bert's token-type buffer)
         if log:
             log(f"{e}; probing instead")

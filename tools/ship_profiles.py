@@ -6,8 +6,9 @@ configuration is traced on first use and cached (torch), or answered by the borr
     python tools/ship_profiles.py                 # trace what is missing into memplan/data/profiles/
     python tools/ship_profiles.py --list          # what would be shipped, and what is there
 
-Each profile covers the whole (batch, seq) grid (every regime), from shallow copies where the model
-is deep (`memplan.depth`). Resumable: a profile already shipped is skipped.
+Each profile covers the whole (batch, seq) grid, one-token sequences included (every regime a
+verdict's max batch and max seq searches can reach), from shallow copies where the model is deep
+(`memplan.depth`). Resumable: a profile already shipped is skipped.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
             print(f"{'shipped' if path.exists() else 'missing'}  {model} {method}  {path.name}")
             continue
         start = time.perf_counter()
-        prof = build_profile(Config(model=model, method=method))
+        prof = build_profile(Config(model=model, method=method), min_seq=1)  # a max-seq search starts at 1
         write_atomic(path, prof.to_json())
         print(f"traced   {model} {method} in {time.perf_counter() - start:.0f} s: {len(prof.regimes)} regimes, "
               f"{path.stat().st_size} B", flush=True)
