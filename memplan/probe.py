@@ -114,18 +114,23 @@ def _fitted_regime(cfg: Config, config_dict: dict, name: str, points, terms, pl,
         facts = _Facts(traced.trainable_params, traced.total_params, tuple(traced.warnings))
         return _fit([m for m, _ in runs], points, terms, name, cfg), facts
     fits, firsts, counts = [], [], []
-    for d in pl.depths:
-        with depth.ShallowCopy(config_dict, pl, d) as path:
-            copy = cfg.model_copy(update={"model": path})
-            if d == pl.depths[2]:
-                first, traced = _moments(copy, *points[0], pl, d)
-                firsts.append(first)
-                counts.append((traced.trainable_params, traced.total_params))
-                break
-            runs = [_moments(copy, b, s, pl, d) for b, s in points]
-        firsts.append(runs[0][0])
-        counts.append((runs[0][1].trainable_params, runs[0][1].total_params))
-        fits.append(_fit([m for m, _ in runs], points, terms, name, cfg))
+    try:
+        for d in pl.depths:
+            with depth.ShallowCopy(config_dict, pl, d) as path:
+                copy = cfg.model_copy(update={"model": path})
+                if d == pl.depths[2]:
+                    first, traced = _moments(copy, *points[0], pl, d)
+                    firsts.append(first)
+                    counts.append((traced.trainable_params, traced.total_params))
+                    break
+                runs = [_moments(copy, b, s, pl, d) for b, s in points]
+            firsts.append(runs[0][0])
+            counts.append((runs[0][1].trainable_params, runs[0][1].total_params))
+            fits.append(_fit([m for m, _ in runs], points, terms, name, cfg))
+    except MemplanError as e:  # the whole model says for itself what fails
+        if log:
+            log(f"{name}: a shallow copy does not trace ({e}); probing all {pl.layers} layers")
+        return None
     plain = (lambda v, k: (v or 0) * k), (lambda a, b: (a or 0) + (b or 0)), (lambda a, b: (a or 0) == (b or 0))
     if depth.extrapolate(firsts, pl, *plain) is None or any(c - b != b - a for a, b, c in zip(*counts)):
         if log:

@@ -310,9 +310,14 @@ def _shallow_regime(cfg: Config, config_dict: dict, pl, hint, terms: _Terms, log
 
     moments, whens, facts = [], [], []
     for d in pl.depths:
-        with depth.ShallowCopy(config_dict, pl, d) as path:
-            traced = trace_step(cfg.model_copy(update={"model": path, "batch": hint[0], "seq": hint[1]}),
-                                symbolic=True, layers=True)
+        try:
+            with depth.ShallowCopy(config_dict, pl, d) as path:
+                traced = trace_step(cfg.model_copy(update={"model": path, "batch": hint[0], "seq": hint[1]}),
+                                    symbolic=True, layers=True)
+        except MemplanError as e:  # the whole model says for itself what fails
+            if log:
+                log(f"{cfg.model}: a {d}-layer copy does not trace ({e}); tracing all {pl.layers} layers")
+            return None
         names = _names(traced, hint, cfg)
         whens.append(_regime_condition(traced, names))
         moments.append(depth.keyed_moments(traced, pl, d, _vectors(terms, names)))
