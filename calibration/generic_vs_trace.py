@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The borrowed formulas are what this measures: no profile traced on first use, none read from a cache.
+os.environ["MEMPLAN_TRACE"] = "never"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memplan-generic-")
 
 from memplan.result import Category  # noqa: E402
 

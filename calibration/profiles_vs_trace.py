@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ["MEMPLAN_TRACE"] = "never"  # the hand-formula column must not trace a profile on first use (the profiles are built here)
 
 RECORDS = ROOT / "calibration" / "profiles-vs-trace.jsonl"
 TARGETS = {"symbolic": (0.005, 0.02), "probe": (0.02, 0.05)}  # (median, worst) |error|

@@ -89,6 +89,36 @@ def sdpa_masks_as_for_real_tensors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def softmax_half_to_float(active: bool = True) -> Iterator[None]:
+    """`F.softmax(x, dim, dtype=torch.float32)` on an fp16 `x` as CUDA runs it, inside this block.
+
+    ATen's `softmax` (torch 2.13.0) calls `_softmax(x, dim, half_to_float=True)` for a CUDA fp16
+    input asked for fp32 output: the kernel reads the fp16 scores and writes fp32, with no fp32 copy
+    of its input, and its backward returns an fp16 gradient. Anywhere else (the CPU, bf16) it first
+    copies the input to fp32 (`toType`). The trace runs on CPU fake tensors, so eager attention in
+    fp16 (llama, opt, gemma... softmax in fp32) would count a copy CUDA never makes; this patches
+    `torch.nn.functional.softmax` to take CUDA's path (fake tensors accept it on the CPU).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    original = F.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype is torch.float32 and isinstance(input, torch.Tensor) and input.dtype is torch.float16 \
+                and dim is not None:
+            return torch._softmax(input, dim, True)
+        return original(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    if active:
+        F.softmax = softmax
+    try:
+        yield
+    finally:
+        F.softmax = original
+
+
+@contextlib.contextmanager
 def grouped_mm_in_any_dtype() -> Iterator[None]:
     """Give `aten._grouped_mm` a fake kernel for every floating dtype, inside this block only.
 

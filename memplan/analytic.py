@@ -19,7 +19,7 @@ from memplan.arch import Ctx
 from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
-from memplan.options import Attention, Config, Loss, Quant, Scheme
+from memplan.options import Attention, Config, Dtype, Loss, Quant, Scheme
 from memplan.overhead import round_block
 from memplan.spec import ModelSpec, per_spec
 
@@ -233,10 +233,14 @@ def scores_elements(cfg: Config, spec: ModelSpec, s: Shapes) -> int:
 
 
 def scores_transient_per_element(cfg: Config, s: Shapes) -> int:
-    """Peak bytes per score element while one layer's attention runs (no grad)."""
-    # masked scores (cb, fp32 under autocast) + softmax fp32 output + cast back to cb.
+    """Peak bytes per score element while one layer's attention runs (no grad).
+
+    Masked scores (cb, fp32 under autocast) + softmax's fp32 output + its cast back to cb; bf16
+    scores are first copied to fp32 inside softmax (ATen's `toType`: only CUDA fp16 has a fused
+    half-to-float kernel), so at the softmax the masked scores, that copy and the output live."""
     masked = 4 if s.amp else s.cb
-    return masked + 4 + (s.cb if s.cb != 4 else 0)
+    after = masked + 4 + (s.cb if s.cb != 4 else 0)
+    return max(after, masked + 8) if cfg.dtype is Dtype.BF16 else after
 
 
 def lora_saved_per_token(cfg: Config, spec: ModelSpec, s: Ctx, *, targets: int) -> int:

@@ -15,6 +15,8 @@ guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps w
   (fp32, or a mask) pads the logsumexp to a multiple of 32 tokens: at most batch x heads x 31 x 4 B
   more per layer. Where the CPU falls back to SDPA's math path (attention dropout > 0), it
   materialises seq^2 scores that CUDA's fused kernels do not; `Estimate.warnings` says so;
+- eager attention's fp32 softmax of fp16 scores reads them as they are, as CUDA's half-to-float
+  kernel does (`_compat.softmax_half_to_float`); the CPU would first copy them to fp32;
 - autocast runs with the CPU's op lists: like CUDA's for matmuls (16-bit) and the loss (fp32), but
   CUDA also runs layer_norm and a dtype-less softmax in fp32; those outputs are transient (the
   16-bit copy the next matmul saves is the same), so saved bytes agree;
@@ -169,7 +171,8 @@ def trace_step(config: Config, *, real: bool = False,
         watch = distributed.watched(tracker) if sharding is not Sharding.NONE else contextlib.nullcontext()
         experts = contextlib.nullcontext() if real else _compat.grouped_mm_in_any_dtype()
         try:
-            with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), _compat.pad_without_pins(symbolic), watch:
+            with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), _compat.pad_without_pins(symbolic), \
+                    _compat.softmax_half_to_float(not real), watch:
                 step = Step(config, model, hooks=tracker, seed=seed)
                 with tracker:
                     if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
