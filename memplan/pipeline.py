@@ -381,9 +381,11 @@ def largest(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu, field: str, budget:
     def fits(n: int) -> bool:
         return device_bytes(cfg.model_copy(update={field: n}), spec, gpu) <= budget
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
+    # From 2 up: fits(2) implies fits(1), so 1 is asked only when 2 does not fit (a profile's b == 1 or
+    # s == 1 regime is then the only one a search may have to trace)
+    if not fits(2):
+        return 1 if fits(1) else 0
+    lo, hi = 2, 4
     while hi <= SEARCH_LIMIT and fits(hi):
         lo, hi = hi, hi * 2
     if hi > SEARCH_LIMIT:

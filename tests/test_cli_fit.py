@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,23 @@ def test_fit_imports_no_torch_transformers_matplotlib():
             "sys.stderr.write(repr(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip().endswith("[]"), done.stderr
+
+
+@pytest.mark.parametrize("method", ["zo-sgd", "fo-adam"])
+def test_fit_on_a_catalog_table_family_reads_its_shipped_profile(method):
+    """Qwen3-8B has no hand formulas; the profiles shipped for fit's defaults (zo-sgd, fo-adam) answer
+    exactly with no torch import and no trace, max batch and max seq searches included (their regimes,
+    one-token sequences too, are in the shipped file), even with tracing on (MEMPLAN_TRACE=auto)."""
+    code = ("import sys, json, io, contextlib; from memplan.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    try:\n"
+            f"        main(['fit', 'qwen3-8b', '--method', '{method}', '--gpu', 'h100', '--json'])\n"
+            "    except SystemExit:\n        pass\n"
+            "est = json.loads(out.getvalue())['estimates'][0]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'huggingface_hub') if m in sys.modules]\n"
+            "sys.stderr.write(repr([heavy, est['max_batch'] > 0, [w for w in est['warnings'] if 'approximate' in w]]))")
+    env = {**os.environ, "MEMPLAN_TRACE": "auto"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.stderr.strip().endswith("[[], True, []]"), done.stderr
+    assert "memplan: tracing" not in done.stderr
