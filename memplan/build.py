@@ -101,9 +101,12 @@ def build_model(config: Config, device="cpu", *, materialise=None, mode=None):
     cfg = hf_config(config)
     auto = AutoModelForMaskedLM if is_masked_lm(cfg) else AutoModelForCausalLM
     dtype = getattr(torch, config.dtype.torch_name)
+    attention = config.attention.value
+    if attention == "sdpa" and not getattr(auto._model_mapping.get(type(cfg), None), "_supports_sdpa", True):
+        attention = "eager"  # as transformers picks when none is asked for (gemma2, bloom: no SDPA)
     try:
         with torch.device(device):
-            model = auto.from_config(cfg, dtype=dtype, attn_implementation=config.attention.value)
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=attention)
     except MemplanError:
         raise
     except Exception as e:

@@ -360,8 +360,26 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
     est = estimator(tier)
     if est.tier is Tier.ANALYTIC:
         spec = spec or model_of(cfg.model)
+    cfg, note = eager_without_sdpa(cfg, spec)
     fam = family or family_of(gpu)[0]
-    return finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search, family=family)
+    out = finish(est.tensor_peak(cfg, spec, fam), cfg, spec, gpu, tier=est.tier, search=search, family=family)
+    if note:
+        out.warnings.insert(0, note)
+    return out
+
+
+def eager_without_sdpa(cfg: Config, spec) -> tuple[Config, str | None]:
+    """(the configuration as it runs, a note): `--attention sdpa` on a type transformers has no SDPA
+    attention for (gemma2, bloom) runs eager, as transformers picks when none is asked for."""
+    from memplan import tables
+    from memplan.options import Attention
+
+    model_type = getattr(spec, "model_type", None)
+    if cfg.attention is not Attention.SDPA or model_type is None or tables.has_sdpa(model_type):
+        return cfg, None
+    return cfg.replace(attention=Attention.EAGER), (
+        f"{model_type} has no SDPA attention in transformers; it runs eager attention (what transformers "
+        f"picks when none is asked for), and this estimate is eager's")
 
 
 def device_bytes(cfg: Config, spec: ModelSpec, gpu: hardware.Gpu | None) -> int:

@@ -53,6 +53,12 @@ def table(model_type: str) -> dict | None:
     return json.loads((TABLES_DIR / f"{model_type}.json").read_text())
 
 
+def has_sdpa(model_type: str | None) -> bool:
+    """Whether transformers has an SDPA attention for the type (a type without a table: assumed so)."""
+    t = table(model_type) if model_type else None
+    return t is None or bool(t.get("sdpa", True))
+
+
 # ---- the expression evaluator -------------------------------------------------------------------
 
 

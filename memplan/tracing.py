@@ -255,8 +255,12 @@ def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | 
     the cuBLAS workspace (inside kernels, so invisible to the tracer), reserved and device views, the
     calibration correction and the verdict. No max batch / seq search: each point would be a trace.
     """
-    from memplan.pipeline import TraceTier, family_of, finish
+    from memplan.pipeline import TraceTier, eager_without_sdpa, family_of, finish, model_of
 
+    config, note = eager_without_sdpa(config, spec or model_of(config.model))
     tier = TraceTier(on_phase=on_phase)
     fam, _ = family_of(gpu)
-    return finish(tier.tensor_peak(config, spec, fam), config, spec, gpu, tier=Tier.TRACE, search=False)
+    out = finish(tier.tensor_peak(config, spec, fam), config, spec, gpu, tier=Tier.TRACE, search=False)
+    if note:
+        out.warnings.insert(0, note)
+    return out

@@ -36,21 +36,28 @@ def wanted() -> list[tuple[str, str]]:
     return out
 
 
-def path_of(model: str, method: str) -> Path:
-    from memplan import profile
+def config_of(model: str, method: str):
+    """The Config `fit MODEL -m METHOD` estimates (sdpa becomes eager where the type has no SDPA)."""
     from memplan.options import Config
+    from memplan.pipeline import eager_without_sdpa
     from memplan.spec import resolve
 
-    spec = resolve(model)
-    return profile.SHIPPED / f"{profile.key(spec.config, Config(model=model, method=method))}.json"
+    return eager_without_sdpa(Config(model=model, method=method), resolve(model))[0]
+
+
+def path_of(model: str, method: str) -> Path:
+    from memplan import profile
+    from memplan.spec import resolve
+
+    return profile.SHIPPED / f"{profile.key(resolve(model).config, config_of(model, method))}.json"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", action="store_true", help="list, trace nothing")
     args = ap.parse_args()
+    from memplan.errors import MemplanError
     from memplan.files import write_atomic
-    from memplan.options import Config
     from memplan.symbolic import build_profile
 
     for model, method in wanted():
@@ -59,7 +66,11 @@ def main() -> None:
             print(f"{'shipped' if path.exists() else 'missing'}  {model} {method}  {path.name}")
             continue
         start = time.perf_counter()
-        prof = build_profile(Config(model=model, method=method), min_seq=1)  # a max-seq search starts at 1
+        try:
+            prof = build_profile(config_of(model, method), min_seq=1)  # every regime a verdict's searches reach
+        except MemplanError as e:
+            print(f"FAILED   {model} {method}: {e}", flush=True)
+            continue
         write_atomic(path, prof.to_json())
         print(f"traced   {model} {method} in {time.perf_counter() - start:.0f} s: {len(prof.regimes)} regimes, "
               f"{path.stat().st_size} B", flush=True)

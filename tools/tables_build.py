@@ -298,6 +298,12 @@ def _needed(guards: list[str], outside: dict, layers: dict) -> list[str]:
     return out
 
 
+def _supports_sdpa(model_type: str, spec: dict, defaults) -> bool:
+    """Whether transformers' model class has an SDPA attention (gemma2 and bloom in 5.24 have none)."""
+    auto = transformers.AutoModelForMaskedLM if spec.get("masked") else transformers.AutoModelForCausalLM
+    return bool(getattr(auto._model_mapping[type(defaults)], "_supports_sdpa", False))
+
+
 def table(model_type: str) -> dict:
     spec = TYPES[model_type]
     defaults = transformers.AutoConfig.for_model(model_type)
@@ -341,6 +347,7 @@ def table(model_type: str) -> dict:
     return {
         "class": type(defaults).__name__,
         "masked": bool(spec.get("masked")),
+        "sdpa": _supports_sdpa(model_type, spec, defaults),
         "aliases": dict(type(defaults).attribute_map),
         "layers_key": type(defaults).attribute_map.get("num_hidden_layers", "num_hidden_layers"),
         "defaults": {k: v for k, v in d.items() if _jsonable(v) and not k.startswith("_") or k in ("_sliding_window_pattern",)},
