@@ -95,7 +95,8 @@ def run() -> None:
                 unknown += 1
                 continue
             errors.append(a.allocated / w.allocated - 1)
-        how = "copies" if any("copies" in line for line in logs) else "whole (copies disagreed)"
+        fell_back = any("do not extrapolate" in line or "does not trace" in line for line in logs)
+        how = "whole (copies disagreed)" if fell_back else "copies"
         rec = {"key": _key(case), "model": model, "layers": layers, "method": method, "options": extra,
                "source": copies.source, "how": how, "points": len(errors), "unknown": unknown,
                "worst": max(map(abs, errors), default=0.0),

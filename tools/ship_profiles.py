@@ -5,6 +5,7 @@ configuration is traced on first use and cached (torch), or answered by the borr
 
     python tools/ship_profiles.py                 # trace what is missing into memplan/data/profiles/
     python tools/ship_profiles.py --list          # what would be shipped, and what is there
+    python tools/ship_profiles.py --from-end      # the same, last first: two processes share the work
 
 Each profile covers the whole (batch, seq) grid, one-token sequences included (every regime a
 verdict's max batch and max seq searches can reach), from shallow copies where the model is deep
@@ -55,14 +56,15 @@ def path_of(model: str, method: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", action="store_true", help="list, trace nothing")
+    ap.add_argument("--from-end", action="store_true", help="last first (a second process shares the work)")
     args = ap.parse_args()
     from memplan.errors import MemplanError
     from memplan.files import write_atomic
     from memplan.symbolic import build_profile
 
-    for model, method in wanted():
+    for model, method in (reversed(wanted()) if args.from_end else wanted()):
         path = path_of(model, method)
-        if args.list or path.exists():
+        if args.list or path.exists():  # (re-checked per profile: another process may have made it)
             print(f"{'shipped' if path.exists() else 'missing'}  {model} {method}  {path.name}")
             continue
         start = time.perf_counter()
