@@ -375,7 +375,9 @@ def eager_without_sdpa(cfg: Config, spec) -> tuple[Config, str | None]:
     from memplan.options import Attention
 
     model_type = getattr(spec, "model_type", None)
-    if cfg.attention is not Attention.SDPA or model_type is None or tables.has_sdpa(model_type):
+    if cfg.attention is not Attention.SDPA or model_type is None or hand_formulas(spec) and not approximate(spec):
+        return cfg, None  # (the hand families all have SDPA: their tables are not read)
+    if tables.has_sdpa(model_type):
         return cfg, None
     return cfg.replace(attention=Attention.EAGER), (
         f"{model_type} has no SDPA attention in transformers; it runs eager attention (what transformers "
