@@ -225,6 +225,70 @@ def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None,
     return prof
 
 
+def missing_profiles(configs: list[Config]) -> list[Config]:
+    """The configurations (as they run) whose estimate would trace a profile on first use now."""
+    out = []
+    for cfg in configs:
+        try:
+            spec = model_of(cfg.model)
+            cfg, _ = eager_without_sdpa(cfg, spec)
+            hand = hand_formulas(spec)
+            if hand and not _one_device(cfg) or analytic.not_modelled(cfg):
+                continue
+            want = approximate(spec) and traces_on_first_use() if hand else not _tracing_off()
+            if want and profile.find(spec.config, cfg) is None:
+                out.append(cfg)
+        except MemplanError:
+            continue  # the estimate itself will say what is wrong
+    profile._LOADED.clear()  # the misses just memoised are about to be filled
+    return out
+
+
+def prefetch_profiles(configs: list[Config], *, workers: int | None = None) -> int:
+    """Trace the missing profiles of several configurations at once, each in its own Python process
+    (each one's regime of its batch and seq, and of batch 2 where that is 1: a max-batch search goes
+    there), into the cache the estimates then read. `workers`: default half the CPUs, at most 4 (each
+    holds torch and a fake model). Returns how many were traced; a failure is left for the estimate to
+    report. Plain subprocesses, not multiprocessing: nothing of the caller's script is imported again."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = missing_profiles(configs)
+    if workers is None:
+        workers = min(4, max(1, (os.cpu_count() or 1) // 2))
+    workers = min(workers, len(todo))
+    if workers < 2:
+        return 0
+    if profile.announce is not None:
+        profile.announce(f"tracing {len(todo)} configurations once, {workers} at a time (exact activations; "
+                         f"cached for later answers)")
+
+    def one(cfg: Config) -> bool:
+        done = subprocess.run([sys.executable, "-c", "from memplan.pipeline import _prefetch_one; _prefetch_one()"],
+                              input=cfg.model_dump_json(), text=True, capture_output=True)
+        return done.returncode == 0
+
+    with ThreadPoolExecutor(workers) as pool:
+        traced = sum(pool.map(one, todo))
+    profile._LOADED.clear()
+    return traced
+
+
+def _prefetch_one() -> None:
+    """A worker of `prefetch_profiles`: the Config on stdin; exit code 1 where it could not be traced."""
+    import sys
+
+    try:
+        cfg = Config.model_validate_json(sys.stdin.read())
+        spec = model_of(cfg.model)
+        prof = make_profile(cfg, spec, at=(cfg.batch, cfg.seq))
+        if cfg.batch == 1 and prof.peak(2, cfg.seq) is None:
+            make_profile(cfg, spec, into=prof, at=(2, cfg.seq))
+    except MemplanError:
+        raise SystemExit(1) from None
+
+
 @dataclass(frozen=True)
 class TraceTier:
     """The real step on fake tensors (`tracing.trace_step`); imports torch when it runs."""
@@ -458,6 +522,8 @@ def estimate_all(model: str, methods="all", *, gpu: str | hardware.Gpu | None = 
     the_gpu = resolve_gpu(gpu) if gpu is not None else None
     cfgs = [Config.make(model=model, method=m, **options) for m in parse_methods(names, where="methods")]
     spec = model_of(cfgs[0].model)
+    if len(cfgs) > 1:
+        prefetch_profiles(cfgs)  # several first uses of a table family: traced side by side
     return [estimate_config(c, the_gpu, search=search, spec=spec) for c in cfgs]
 
 

@@ -327,3 +327,28 @@ def test_profile_command_caches_what_fit_then_reads(tiny_dir, capsys):
     traced = trace(Config(model=tiny_dir[0], method="zo-adam", dtype="bf16", batch=6, seq=45))
     assert fitted["peak_allocated_bytes"] == traced.peak_allocated_bytes
     assert fitted["components"] == {c.value: n for c, n in traced.components.items()}
+
+
+def test_several_first_uses_are_traced_side_by_side(tmp_path, monkeypatch):
+    """`fit -m a,b` / `estimate_all` on a table family with no profiles yet: each missing profile is
+    traced in its own Python process, two at a time here, into the cache the estimates then read."""
+    from memplan import pipeline
+    from memplan.api import estimate_config
+    from memplan.tracing import trace
+
+    monkeypatch.setenv("MEMPLAN_TRACE", "auto")
+    fields = {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 64}
+    cfgs = [Config(model=write(tmp_path, fields), method=m, dtype="bf16", batch=1, seq=20) for m in ("zo-sgd", "fo-sgd")]
+    assert pipeline.missing_profiles(cfgs) == cfgs
+    assert pipeline.prefetch_profiles(cfgs, workers=2) == 2
+    assert pipeline.missing_profiles(cfgs) == []
+    import memplan.symbolic
+
+    monkeypatch.setattr(memplan.symbolic, "build_profile", lambda *a, **k: pytest.fail("traced again"))
+    for cfg in cfgs:  # batch 1 and, for a max-batch search, batch 2 were traced
+        for b in (1, 2):
+            c = cfg.replace(batch=b)
+            assert estimate_config(c, search=False).peak_allocated_bytes == trace(c).peak_allocated_bytes
+    assert pipeline.prefetch_profiles(cfgs, workers=2) == 0  # nothing left to trace

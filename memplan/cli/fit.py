@@ -56,6 +56,10 @@ def _analytic(configs: list, gpu, as_json: bool, *, leave_out_refused: bool = Fa
     from memplan.spec import ModelSpec
 
     spec = model_of(configs[0].model)
+    if len(configs) > 1:
+        from memplan.pipeline import prefetch_profiles
+
+        prefetch_profiles(configs)  # several first uses of a table family: traced side by side
     done = each(configs, lambda c: estimate_config(c, gpu, spec=spec), leave_out_refused=leave_out_refused)
     misfits = [e for e in done[0] if e.fits is False]
     if not misfits or not isinstance(spec, ModelSpec):  # suggestions read the tensor table
