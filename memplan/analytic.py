@@ -414,11 +414,13 @@ def layer_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
 
 def inference_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> tuple[int, int]:
     """(activations, logits) bytes at the peak of a no-grad forward pass: inside the largest layer,
-    or at the loss with the logits (the KV cache alive at both)."""
+    or at the loss with the logits (the KV cache alive at both). At the loss the final norm's output,
+    which the lm_head read, is still a local of the model's forward: tokens x hidden, residual bytes."""
     cache = kv_cache_bytes(cfg, spec, s)
     kept, transient = s.arch.logits_forward(s)
+    final = s.tokens * spec.hidden_size * s.r if s.arch.objective == "causal" else 0
     top = methods.peak_of([{C.ACTIVATIONS: layer_peak(cfg, spec, s)},
-                           {C.ACTIVATIONS: cache, C.LOGITS: kept + transient}])
+                           {C.ACTIVATIONS: cache + final, C.LOGITS: kept + transient}])
     return top[C.ACTIVATIONS], top.get(C.LOGITS, 0)
 
 
