@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Formulas are what these grids measure: no profile traced on first use, none read from a cache.
+os.environ["MEMPLAN_TRACE"] = "never"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memplan-grid-")
 sys.path.insert(0, str(ROOT / "calibration"))
 
 from analytic_vs_trace import LLAMA_GQA  # noqa: E402

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -17,6 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Formulas are what these grids measure: no profile traced on first use, none read from a cache.
+os.environ["MEMPLAN_TRACE"] = "never"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memplan-grid-")
 
 from memplan.result import Category  # noqa: E402
 

@@ -85,13 +85,27 @@ def hand_formulas(spec) -> bool:
     return isinstance(spec, ModelSpec) and arch.find(spec.model_type) is not None
 
 
+def traced_first(spec) -> bool:
+    """Whether the spec's exact answer is a profile traced on first use (torch) rather than closed-form
+    formulas: a table family's (its formulas are borrowed), or any model outside the catalog (the hand
+    formulas are checked on catalog models at real widths, calibration/HAND-VS-PROFILE.md; a config.json
+    or hub id of the same family may be shaped in ways they were not checked on)."""
+    if not isinstance(spec, ModelSpec):
+        return False
+    if spec.arch.activations_note:
+        return True
+    from memplan.spec import catalog_ids
+
+    return spec.name not in catalog_ids()
+
+
 def approximate(spec) -> bool:
     """Whether the spec's closed-form activations are borrowed from another family (a table type's
     generic formulas, `memplan.arch._generic`): such a family is traced once on first use instead."""
     return isinstance(spec, ModelSpec) and bool(spec.arch.activations_note)
 
 
-# Tracing a missing profile on first use (table families; torch installed): on unless the user says
+# Tracing a missing profile on first use (table families, models outside the catalog; torch installed): on unless the user says
 # MEMPLAN_TRACE=never, and off inside `formulas_only()`: suggestions try many changed options, each of
 # which would be a trace, so for a table family they compare its formulas with its formulas.
 TRACE_ENV = "MEMPLAN_TRACE"
@@ -135,7 +149,7 @@ class AnalyticTier:
         try:
             found = profiled_peak(cfg, spec)
         except MemplanError as e:
-            if not approximate(spec) or not traces_on_first_use():
+            if not traced_first(spec) or not traces_on_first_use():
                 raise
             found, failed = None, e  # the trace could not run these options: the formulas answer, and say so
         if found is not None:
@@ -156,10 +170,10 @@ def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak 
     hand = hand_formulas(spec)
     if hand and not _one_device(cfg):  # a profile is one GPU's step; the layouts are the hand formulas' stage
         return None
-    if approximate(spec) and not _first_use.get():  # `formulas_only`: compare like with like
+    if traced_first(spec) and not _first_use.get():  # `formulas_only`: compare like with like
         return None
     if make is None:
-        make = approximate(spec) and traces_on_first_use() if hand else not _tracing_off()
+        make = traced_first(spec) and traces_on_first_use() if hand else not _tracing_off()
         if not hand and not make and profile.find(spec.config, cfg) is None:
             if _have_torch():  # a type transformers does not know says so first
                 from memplan.build import hf_config
@@ -235,7 +249,7 @@ def missing_profiles(configs: list[Config]) -> list[Config]:
             hand = hand_formulas(spec)
             if hand and not _one_device(cfg) or analytic.not_modelled(cfg):
                 continue
-            want = approximate(spec) and traces_on_first_use() if hand else not _tracing_off()
+            want = traced_first(spec) and traces_on_first_use() if hand else not _tracing_off()
             if want and profile.find(spec.config, cfg) is None:
                 out.append(cfg)
         except MemplanError:

@@ -160,6 +160,12 @@ def catalog_entries() -> list[dict]:
     return list(_catalog())
 
 
+@lru_cache(maxsize=1)
+def catalog_ids() -> frozenset[str]:
+    """The catalog's ids (the names its specs carry)."""
+    return frozenset(e["id"] for e in _catalog())
+
+
 def catalog_names() -> list[str]:
     names = []
     for e in _catalog():

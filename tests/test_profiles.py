@@ -352,3 +352,22 @@ def test_several_first_uses_are_traced_side_by_side(tmp_path, monkeypatch):
             c = cfg.replace(batch=b)
             assert estimate_config(c, search=False).peak_allocated_bytes == trace(c).peak_allocated_bytes
     assert pipeline.prefetch_profiles(cfgs, workers=2) == 0  # nothing left to trace
+
+
+def test_a_hand_family_outside_the_catalog_is_traced_on_first_use(tmp_path, monkeypatch):
+    """A llama config.json that is not a catalog model: its hand formulas answer while tracing is off;
+    with tracing on (the default), its first estimate traces the profile and gives the trace's bytes.
+    Catalog models keep their hand formulas (checked at real widths: calibration/HAND-VS-PROFILE.md)."""
+    from memplan import pipeline
+    from memplan.api import estimate_config
+    from memplan.tracing import trace
+
+    cfg = Config(model=write(tmp_path, TINY_LLAMA), method="fo-adam", dtype="bf16", attention="eager",
+                 batch=3, seq=50)
+    hand = estimate_config(cfg, search=False)  # the suite's MEMPLAN_TRACE=never
+    monkeypatch.setenv("MEMPLAN_TRACE", "auto")
+    assert pipeline.traced_first(pipeline.model_of(cfg.model))
+    assert not pipeline.traced_first(pipeline.model_of("llama-2-7b"))
+    exact, traced = estimate_config(cfg, search=False), trace(cfg)
+    assert exact.peak_allocated_bytes == traced.peak_allocated_bytes != hand.peak_allocated_bytes
+    assert len(list(profile.cache_dir().glob("*.json"))) == 1
