@@ -119,6 +119,39 @@ def softmax_half_to_float(active: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def sdpa_dropout_fused(active: bool = True) -> Iterator[None]:
+    """SDPA with attention dropout as CUDA runs it, inside this block (fake tensors only).
+
+    On CUDA, SDPA's flash and memory-efficient kernels take `dropout_p > 0` (dropout inside the
+    kernel, a philox seed saved, no seq^2 tensor). The CPU's flash kernel does not (torch 2.13.0), so
+    SDPA falls back to its math path, which materialises the scores, their softmax and the dropout
+    mask: a trace on the CPU would over-count attention by seq^2 terms CUDA never allocates. Here
+    `torch.nn.functional.scaled_dot_product_attention` with dropout calls
+    `aten._scaled_dot_product_flash_attention_for_cpu` directly: its fake kernel accepts the dropout
+    and saves what the fused kernels save (the output and a logsumexp). Not under forward AD
+    (forward-grad), which has no rule for the fused kernels and runs the math path on any device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p > 0 and (not enable_gqa or key.shape[-3] == query.shape[-3]):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    if active:
+        F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
 def grouped_mm_in_any_dtype() -> Iterator[None]:
     """Give `aten._grouped_mm` a fake kernel for every floating dtype, inside this block only.
 

@@ -13,8 +13,10 @@ guard that a CPU build lacks). So the trace runs on fake CPU tensors and keeps w
 - sdpa: the CPU picks `_scaled_dot_product_flash_attention_for_cpu` (saves the output and an fp32
   logsumexp of batch x heads x seq), as CUDA's flash kernel does; CUDA's memory-efficient kernel
   (fp32, or a mask) pads the logsumexp to a multiple of 32 tokens: at most batch x heads x 31 x 4 B
-  more per layer. Where the CPU falls back to SDPA's math path (attention dropout > 0), it
-  materialises seq^2 scores that CUDA's fused kernels do not; `Estimate.warnings` says so;
+  more per layer. With attention dropout the CPU's SDPA would fall back to its math path and
+  materialise seq^2 scores that CUDA's fused kernels do not: on fake tensors SDPA with dropout runs
+  the CPU flash kernel's fake instead (`_compat.sdpa_dropout_fused`); real CPU tensors cannot, and
+  their `Estimate.warnings` say so;
 - eager attention's fp32 softmax of fp16 scores reads them as they are, as CUDA's half-to-float
   kernel does (`_compat.softmax_half_to_float`); the CPU would first copy them to fp32;
 - autocast runs with the CPU's op lists: like CUDA's for matmuls (16-bit) and the loss (fp32), but
@@ -170,9 +172,10 @@ def trace_step(config: Config, *, real: bool = False,
             tracker.phase = phase
         watch = distributed.watched(tracker) if sharding is not Sharding.NONE else contextlib.nullcontext()
         experts = contextlib.nullcontext() if real else _compat.grouped_mm_in_any_dtype()
+        fg = spec.family is methods.Family.FG  # forward AD has no rule for the fused kernels: math path
         try:
             with mode, experts, _compat.sdpa_masks_as_for_real_tensors(), _compat.pad_without_pins(symbolic), \
-                    _compat.softmax_half_to_float(not real), watch:
+                    _compat.softmax_half_to_float(not real), _compat.sdpa_dropout_fused(not real and not fg), watch:
                 step = Step(config, model, hooks=tracker, seed=seed)
                 with tracker:
                     if sharding is Sharding.DDP:  # its buckets are allocated here, by its reducer
@@ -195,7 +198,7 @@ def trace_step(config: Config, *, real: bool = False,
     if measured < cycle:
         warnings.append(f"{config.method.value}: its steps repeat every {cycle}; the trace measured the first "
                         f"{measured} after the warm-up, so a peak in a later one is not seen")
-    warnings += _attention_warnings(config, base)
+    warnings += _attention_warnings(config, base) if real or spec.family is methods.Family.FG else []
     peak = None if symbolic else tracker.peak(start)
     return Traced(peak, n_train, total, warnings, tracker=tracker, start=start, sizes=sizes,
                   shape_env=mode.shape_env if symbolic else None)

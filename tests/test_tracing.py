@@ -147,3 +147,23 @@ def test_prompt_tuning_traces_opt_350m():
     # prompt` used to fail inside peft. The trainable prompt is 10 x 512, as the analytic tier counts.
     t = trace_step(Config(model="opt-350m", method="zo-sgd", scheme="prompt", dtype="fp16", batch=1, seq=8))
     assert t.trainable_params == 10 * 512
+
+
+def test_sdpa_with_attention_dropout_counts_the_fused_kernel(tmp_path):
+    """GPT-2's attention dropout (attn_pdrop 0.1): CUDA's fused SDPA kernels take it, the CPU's fall back to
+    the math path (seq^2 scores, softmax, dropout mask). The fake trace counts the fused kernel, which is
+    what the hand formulas model: the two agree within 1 % (the math path would add 2 x 4 x 256^2 x 5 B
+    per layer), and the trace warns of nothing."""
+    from memplan.api import estimate_config
+    from memplan.tracing import trace
+    from tiny import write
+
+    cfg = {"model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512,
+           "attn_pdrop": 0.1}
+    c = Config(model=write(tmp_path, cfg), method="fo-adam", dtype="bf16", attention="sdpa", batch=2, seq=256)
+    traced = trace(c)
+    hand = estimate_config(c, search=False).peak_allocated_bytes
+    assert abs(traced.peak_allocated_bytes - hand) <= 0.01 * hand
+    assert not any("math path" in w for w in traced.warnings)
+    eager = trace(c.replace(attention="eager"))  # eager keeps the seq^2 probabilities and mask: far more
+    assert eager.peak_allocated_bytes > traced.peak_allocated_bytes + 2 * 4 * 256 * 256 * 2
