@@ -66,10 +66,8 @@ class Plan:
 
 def layer_count(config: dict) -> tuple[str, int] | None:
     """(key, value) of a config's layer count, under the name transformers' config class reads."""
-    from transformers import AutoConfig
-
     try:
-        obj = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+        obj = _config_object(config)
     except Exception:  # noqa: BLE001 -- any config transformers cannot build is traced whole
         return None
     n = getattr(obj, "num_hidden_layers", None)
