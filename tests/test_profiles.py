@@ -371,3 +371,32 @@ def test_a_hand_family_outside_the_catalog_is_traced_on_first_use(tmp_path, monk
     exact, traced = estimate_config(cfg, search=False), trace(cfg)
     assert exact.peak_allocated_bytes == traced.peak_allocated_bytes != hand.peak_allocated_bytes
     assert len(list(profile.cache_dir().glob("*.json"))) == 1
+
+
+def test_every_catalog_table_family_ships_its_default_profiles():
+    """tools/ship_profiles.py: zo-sgd and fo-adam at fit's defaults for every catalog model of a table
+    family, found by the key fit looks up, covering one-token sequences and both batch regimes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import ship_profiles
+
+    wanted = ship_profiles.wanted()
+    assert len(wanted) >= 70
+    for model, method in wanted:
+        path = ship_profiles.path_of(model, method)
+        prof = profile.Profile.from_json(path.read_text(), str(path))
+        assert all(prof.peak(b, s) is not None for b, s in [(1, 1), (1, 512), (4, 512), (64, 2)]), (model, method)
+
+
+def test_a_shipped_profile_gives_the_whole_model_trace():
+    """A sample of the shipped profiles (traced from shallow copies where deep): Qwen3-0.6B zo-sgd, fp16,
+    sdpa, against a concrete trace of all 28 layers at a point no trace of the profile ran at."""
+    from memplan import pipeline
+    from memplan.tracing import trace_step
+
+    cfg = Config(model="Qwen/Qwen3-0.6B", method="zo-sgd", batch=3, seq=333)
+    prof = profile.find(pipeline.model_of(cfg.model).config, cfg)
+    assert prof is not None
+    assert prof.peak(3, 333).allocated == trace_step(cfg).peak.allocated
