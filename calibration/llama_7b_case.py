@@ -2,7 +2,8 @@
 
 The hand formulas missed the trace at batch 8 x 2048 by -7 % (zo-sgd) and -33 % (forward-grad).
 zo-sgd's gap was bf16 eager attention's softmax, which copies the scores to fp32 before it writes
-its fp32 output (10 bytes per score element at once, not 8); counted since, it is +1.4 %.
+its fp32 output (10 bytes per score element at once, not 8), and the MLP's temporaries were added
+to the scores' moment; both fixed, it is -0.3 %.
 forward-grad's hand formulas were since rewritten from the trace and now give its bytes there
 (calibration/FG-VS-TRACE.md), so only zo-sgd's profile is built and shipped.
 This builds the full-depth profiles of both (symbolic traces for zo-sgd, the probe for

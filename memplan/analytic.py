@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from memplan import methods, quant, savers, sharding
 from memplan.arch import Ctx
-from memplan.arch._common import chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
+from memplan.arch._common import attention_live, chunked_logits_backward, chunked_logits_forward, chunked_loss_refusal
 from memplan.errors import MemplanError
 from memplan.result import Category, Phase
 from memplan.options import Attention, Config, Dtype, Loss, Quant, Scheme
@@ -408,8 +408,12 @@ def kv_cache_element_bytes(cfg: Config, s: Ctx) -> int:
 def layer_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> int:
     """Bytes at the peak of one layer's no-grad forward (the largest layer), plus any KV cache."""
     live = max(s.arch.live(kind, s) for kind in set(s.arch.layers(spec)))
-    return s.tokens * live + scores(cfg, spec, s) * scores_transient_per_element(cfg, s) \
-        + kv_cache_bytes(cfg, spec, s) + dequantised_weight_bytes(cfg, spec, backward=False)
+    # the scores live only while attention runs: beside its q, k, v and the layer's input (kept for the
+    # residual add), not beside the MLP's temporaries
+    n = scores(cfg, spec, s)
+    at_scores = s.tokens * attention_live(s, residual=True) + n * scores_transient_per_element(cfg, s)
+    inside = max(s.tokens * live, at_scores) if n else s.tokens * live
+    return inside + kv_cache_bytes(cfg, spec, s) + dequantised_weight_bytes(cfg, spec, backward=False)
 
 
 def inference_peak(cfg: Config, spec: ModelSpec, s: Ctx) -> tuple[int, int]:

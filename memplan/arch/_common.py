@@ -164,13 +164,18 @@ def attention(ctx: Ctx, *, repeat_kv: bool = False) -> int:
     return cb * (q + 2 * k_width) + (cb * q if ctx.keeps_linear_inputs else 0)
 
 
+def attention_live(ctx: Ctx, *, residual: bool = False) -> int:
+    """Bytes per token inside one attention block's no-grad forward, besides its scores: q, k, v, the
+    output, and the normed input; `residual`: also the layer's input, which the residual add keeps."""
+    spec = ctx.spec
+    return (2 * spec.q_dim + 2 * spec.kv_dim) * ctx.cb + (2 if residual else 1) * spec.hidden_size * ctx.r
+
+
 def dense_live(kind: LayerKind, ctx: Ctx) -> int:
     """Largest set of temporaries inside one attention + MLP layer's no-grad forward, besides scores."""
     spec, cb = ctx.spec, ctx.cb
-    h, f, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    attn = (q + 2 * kv + q) * cb + h * ctx.r  # q, k, v, output, and the normed input
-    mlp = (3 if spec.gated_mlp else 2) * f * cb + h * ctx.r
-    return max(attn, mlp)
+    mlp = (3 if spec.gated_mlp else 2) * spec.intermediate_size * cb + spec.hidden_size * ctx.r
+    return max(attention_live(ctx), mlp)
 
 
 # ---- the loss -------------------------------------------------------------------------------
