@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_PERIOD = 8
-TRACE_BASE_LAYERS = 6  # a trace's fixed cost (build, warm-up), in layers' worth of time
+TRACE_BASE_LAYERS = 3  # a trace's fixed cost (build, warm-up), in layers' worth of time (benchmarks/first_use.py)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ def test_plans_of_catalog_models():
     assert depth.plan(_catalog("Qwen/Qwen3-235B-A22B")) == depth.Plan(94, 2, 2, 1, (4, 5, 6))
     # 36 layers: three copies (15 layers) plus their fixed cost are still cheaper than the model
     assert depth.plan(_catalog("Qwen/Qwen3-8B")).depths == (4, 5, 6)
-    # Gemma-2-27B alternates sliding and global layers (period 2): copies of 8, 10, 12 layers would cost
-    # as much as its 46, so it is traced whole
-    assert depth.plan(_catalog("google/gemma-2-27b")) is None
+    # Gemma-2-27B alternates sliding and global layers (period 2): copies of 8, 10 and 12 layers
+    assert depth.plan(_catalog("google/gemma-2-27b")) == depth.Plan(46, 4, 4, 2, (8, 10, 12))
+    assert depth.plan(_catalog("google/gemma-2-2b")) is None  # 26 layers: copies would cost as much
     assert depth.plan(_catalog("meta-llama/Llama-3.2-1B")) is None  # 16 layers: traced whole
 
 
