@@ -17,7 +17,7 @@ from typing import Protocol
 
 from memplan import analytic, arch, corrections, hardware, profile
 from memplan.errors import MemplanError
-from memplan.options import Config
+from memplan.options import Attention, Config
 from memplan.overhead import add_overheads, nccl_bytes, workspace_bytes
 from memplan.result import Category, Estimate, GpuRef, Phase, Tier
 from memplan.spec import ModelSpec, resolve
@@ -92,11 +92,12 @@ def traced_first(spec) -> bool:
     or hub id of the same family may be shaped in ways they were not checked on)."""
     if not isinstance(spec, ModelSpec):
         return False
-    if spec.arch.activations_note:
-        return True
-    from memplan.spec import catalog_ids
+    found = spec.memo.get("traced_first")
+    if found is None:
+        from memplan.spec import catalog_ids
 
-    return spec.name not in catalog_ids()
+        found = spec.memo["traced_first"] = bool(spec.arch.activations_note) or spec.name not in catalog_ids()
+    return found
 
 
 def approximate(spec) -> bool:
@@ -264,16 +265,16 @@ def prefetch_profiles(configs: list[Config], *, workers: int | None = None) -> i
     there), into the cache the estimates then read. `workers`: default half the CPUs, at most 4 (each
     holds torch and a fake model). Returns how many were traced; a failure is left for the estimate to
     report. Plain subprocesses, not multiprocessing: nothing of the caller's script is imported again."""
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-
     todo = missing_profiles(configs)
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 1) // 2))
     workers = min(workers, len(todo))
     if workers < 2:
         return 0
+    import subprocess  # only when there is something to trace: fit on a catalog model stays light
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
     if profile.announce is not None:
         profile.announce(f"tracing {len(todo)} configurations once, {workers} at a time (exact activations; "
                          f"cached for later answers)")
@@ -449,11 +450,12 @@ def estimate_config(cfg: Config, gpu: hardware.Gpu | None = None, *, search: boo
 def eager_without_sdpa(cfg: Config, spec) -> tuple[Config, str | None]:
     """(the configuration as it runs, a note): `--attention sdpa` on a type transformers has no SDPA
     attention for (gemma2, bloom) runs eager, as transformers picks when none is asked for."""
+    if cfg.attention is not Attention.SDPA:
+        return cfg, None
     from memplan import tables
-    from memplan.options import Attention
 
     model_type = getattr(spec, "model_type", None)
-    if cfg.attention is not Attention.SDPA or model_type is None or hand_formulas(spec) and not approximate(spec):
+    if model_type is None or hand_formulas(spec) and not approximate(spec):
         return cfg, None  # (the hand families all have SDPA: their tables are not read)
     if tables.has_sdpa(model_type):
         return cfg, None
