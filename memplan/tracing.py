@@ -260,7 +260,13 @@ def trace(config: Config, *, gpu=None, on_phase: Callable[[str, Phase], None] | 
     """
     from memplan.pipeline import TraceTier, eager_without_sdpa, family_of, finish, model_of
 
-    config, note = eager_without_sdpa(config, spec or model_of(config.model))
+    known = spec
+    if known is None:
+        try:
+            known = model_of(config.model)
+        except MemplanError:  # a config the tensor tables refuse still traces (transformers builds it)
+            known = None
+    config, note = eager_without_sdpa(config, known)
     tier = TraceTier(on_phase=on_phase)
     fam, _ = family_of(gpu)
     out = finish(tier.tensor_peak(config, spec, fam), config, spec, gpu, tier=Tier.TRACE, search=False)
