@@ -60,6 +60,14 @@ FAMILIES = {
     "qwen2_moe": {**_SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64},
     "qwen3_moe": {**_SMALL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "deepseek_v2": {**_SMALL, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 8, "n_group": 1, "topk_group": 1,
+                    "num_key_value_heads": 4},
+    "deepseek_v3": {**_SMALL, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 8, "n_group": 1, "topk_group": 1,
+                    "num_key_value_heads": 4},
     "bert": {**_SMALL},
     "roberta": {**_SMALL, "max_position_embeddings": 4098, "pad_token_id": 1, "bos_token_id": 0},
     "opt": {"vocab_size": 512, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -207,6 +215,13 @@ def records() -> list[dict]:
     return [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
 
 
+def _no_dir(message: str, family: str) -> str:
+    """An error message with the temporary folder of the family's config left out."""
+    import re
+
+    return re.sub(rf"\S*/(?={re.escape(family)}\b)", "", message)
+
+
 def table() -> list[str]:
     """The per-family section of ANALYTIC-VS-TRACE.md."""
     recs = records()
@@ -252,8 +267,8 @@ def table() -> list[str]:
     untraced = [(r["cell"], p) for r in recs if "points" in r for p in r["points"] if "error" in p]
     if failed or untraced:
         lines += ["", "Cells without a profile or a trace, and why:"]
-        lines += [f"- {' '.join(r['cell'])}: {r['error']}" for r in failed]
-        lines += [f"- {' '.join(c)} at ({p['batch']}, {p['seq']}): {p['error']}" for c, p in untraced]
+        lines += [f"- {' '.join(r['cell'])}: {_no_dir(r['error'], r['cell'][0])}" for r in failed]
+        lines += [f"- {' '.join(c)} at ({p['batch']}, {p['seq']}): {_no_dir(p['error'], c[0])}" for c, p in untraced]
     return lines + [""]
 
 
