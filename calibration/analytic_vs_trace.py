@@ -11,8 +11,6 @@ Writes calibration/analytic-vs-trace.jsonl and calibration/ANALYTIC-VS-TRACE.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -140,14 +138,7 @@ def write_table(records: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--check", action="store_true", help="re-estimate against the recorded traces only")
-    parser.add_argument("--fresh", action="store_true", help="trace every configuration again")
-    args = parser.parse_args()
-    if args.check:
-        records = recheck([json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()])
-    else:
-        records = recheck(run(GRID, RECORDS, fresh=args.fresh))
+    records = tracegrid.records_from_cli(GRID, RECORDS, run, recheck)
     write_table(records)
     med, worst = summary(records)
     print(f"{len(records)} configs: median |error| {med:.2%}, worst {worst:.2%}")

@@ -16,7 +16,6 @@ see it; both add the same constant).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,6 +31,9 @@ os.environ["MEMPLAN_TRACE"] = "never"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memplan-grid-")
 
 from memplan.result import Category  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "calibration"))
+import tracegrid  # noqa: E402  (its command line)
 
 RECORDS = ROOT / "calibration" / "fg-vs-trace.jsonl"
 TABLE = ROOT / "calibration" / "FG-VS-TRACE.md"
@@ -327,14 +329,7 @@ def write_table(records: list[dict], moe: list[dict], schemes: list[dict]) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--check", action="store_true", help="re-estimate against the recorded traces only")
-    parser.add_argument("--fresh", action="store_true", help="trace every configuration again")
-    args = parser.parse_args()
-    if args.check:
-        records = recheck([json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()])
-    else:
-        records = recheck(run(GRID, RECORDS, fresh=args.fresh))
+    records = tracegrid.records_from_cli(GRID, RECORDS, run, recheck)
     moe = moe_rows()  # real CPU runs at small widths: a minute or two
     write_table(records, moe, scheme_rows())
     med, worst = summary(records)

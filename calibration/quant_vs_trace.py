@@ -11,9 +11,7 @@ Writes calibration/quant-vs-trace.jsonl and calibration/QUANT-VS-TRACE.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -115,15 +113,7 @@ def write_table(records: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--check", action="store_true", help="re-estimate against the recorded traces only")
-    parser.add_argument("--fresh", action="store_true", help="trace every configuration again")
-    parser.add_argument("--limit", type=int, default=None, help="trace only the first N rows")
-    args = parser.parse_args()
-    if args.check:
-        records = recheck([json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()])
-    else:
-        records = recheck(run(GRID[:args.limit], RECORDS, fresh=args.fresh))
+    records = tracegrid.records_from_cli(GRID, RECORDS, run, recheck, limit=True)
     write_table(records)
     med, worst = summary(records)
     print(f"{len(records)} configurations: median {med:.2%}, worst {worst:.2%}")

@@ -13,7 +13,6 @@ Writes calibration/sharded-vs-trace.jsonl and calibration/SHARDED-VS-TRACE.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -159,14 +158,7 @@ def write_table(records: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--check", action="store_true", help="re-estimate against the recorded traces only")
-    parser.add_argument("--fresh", action="store_true", help="trace every configuration again")
-    args = parser.parse_args()
-    if args.check:
-        records = recheck([json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()])
-    else:
-        records = recheck(run(GRID, RECORDS, fresh=args.fresh))
+    records = tracegrid.records_from_cli(GRID, RECORDS, run, recheck)
     # the records carry the current estimate too, so the jsonl and the table agree
     RECORDS.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_table(records)

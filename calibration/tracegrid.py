@@ -102,6 +102,29 @@ def recheck(records: list[dict], fields: tuple[str, ...], config: Callable, esti
     return records
 
 
+def read(path: Path) -> list[dict]:
+    """The records of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def records_from_cli(grid: list[tuple], path: Path, run: Callable, recheck: Callable, *,
+                     limit: bool = False) -> list[dict]:
+    """What every grid script's command line does: `--check` re-estimates the recorded rows; otherwise
+    the rows not yet recorded are traced first (`--fresh`: every row; `--limit N`: the first N, where
+    the script offers it). Either way the records come back re-estimated with today's model."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true", help="re-estimate against the recorded traces only")
+    parser.add_argument("--fresh", action="store_true", help="trace every configuration again")
+    if limit:
+        parser.add_argument("--limit", type=int, default=None, help="trace only the first N rows")
+    args = parser.parse_args()
+    if args.check:
+        return recheck(read(path))
+    return recheck(run(grid[:getattr(args, "limit", None)], path, fresh=args.fresh))
+
+
 def row_of(rec: dict, fields: tuple[str, ...]) -> tuple:
     """A record's grid row."""
     return tuple(rec["config"][f] for f in fields)
