@@ -149,3 +149,10 @@ def test_types_without_sdpa_run_eager_attention(fit_json):
     _, eager = fit_json("gemma-2-2b", "-m", "zo-sgd", "--attention", "eager")
     assert ests[0]["attention"] == "eager" and "gemma2 has no SDPA attention" in ests[0]["warnings"][0]
     assert ests[0]["peak_allocated_bytes"] == eager[0]["peak_allocated_bytes"]
+
+
+def test_warnings_print_as_written(run_cli):
+    """A warning naming `pip install 'memplan[torch]'` keeps its brackets on the terminal (rich reads
+    `[torch]` as a markup tag unless the text is escaped)."""
+    code, _, err = run_cli("fit", "qwen3-8b", "-m", "zo-sgd", "--dtype", "bf16")
+    assert code in (0, 1) and "pip install 'memplan[torch]'" in " ".join(err.split())

@@ -213,10 +213,12 @@ def render(estimates: list[Estimate], *, as_json: bool, notes: list[str] = ()) -
     )
     for source in sorted({e.correction for e in estimates if e.correction}):
         err.print(f"overheads corrected by calibration: {source}", markup=False)
+    from rich.markup import escape  # notes and warnings are plain text: `memplan[torch]` is no markup tag
+
     for line in notes:
-        err.print(line)
+        err.print(escape(line))
     for w in sorted({w for e in estimates for w in e.warnings}):
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 def exit_code(estimates: list[Estimate]) -> int:
