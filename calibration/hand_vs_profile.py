@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 os.environ["MEMPLAN_TRACE"] = "never"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="memplan-hand-")
 
+sys.path.insert(0, str(ROOT / "calibration"))
+from tracegrid import formula_bytes  # noqa: E402
+
 RECORDS = ROOT / "calibration" / "hand-vs-profile.jsonl"
 OUT = ROOT / "calibration" / "HAND-VS-PROFILE.md"
 MODELS = ("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2.5-7B", "facebook/opt-1.3b", "gpt2-medium")
@@ -43,30 +46,6 @@ def cells():
         for model in MODELS:
             for method, scheme in METHODS:
                 yield model, method, scheme, dtype, attention
-
-
-def _shipped(cfg) -> Path:
-    from memplan import pipeline, profile
-
-    return profile.SHIPPED / f"{profile.key(pipeline.model_of(cfg.model).config, cfg)}.json"
-
-
-def hand_bytes(cfg) -> int:
-    """The hand formulas' tensor bytes: no profile is read (a shipped one is set aside)."""
-    from memplan import profile
-    from memplan.api import estimate_config
-    from memplan.result import Category
-
-    shipped = _shipped(cfg)
-    hidden = shipped.rename(shipped.with_suffix(".off")) if shipped.is_file() else None
-    profile._LOADED.clear()
-    try:
-        est = estimate_config(cfg, search=False)
-    finally:
-        if hidden is not None:
-            hidden.rename(shipped)
-        profile._LOADED.clear()
-    return est.peak_allocated_bytes - est.components[Category.WORKSPACE]
 
 
 def run() -> None:
@@ -94,7 +73,7 @@ def run() -> None:
                 if got is None:
                     continue
                 c = cfg.model_copy(update={"batch": b, "seq": s})
-                points.append({"batch": b, "seq": s, "profile_bytes": got.allocated, "hand_bytes": hand_bytes(c)})
+                points.append({"batch": b, "seq": s, "profile_bytes": got.allocated, "hand_bytes": formula_bytes(c)})
         rec = {"cell": list(cell), "source": prof.source, "profile_seconds": round(seconds, 1), "points": points}
         with RECORDS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -110,7 +89,7 @@ def check() -> None:
         model, method, scheme, dtype, attention = r["cell"]
         cfg = Config(model=model, method=method, scheme=scheme, dtype=dtype, attention=attention)
         for p in r["points"]:
-            p["hand_bytes"] = hand_bytes(cfg.model_copy(update={"batch": p["batch"], "seq": p["seq"]}))
+            p["hand_bytes"] = formula_bytes(cfg.model_copy(update={"batch": p["batch"], "seq": p["seq"]}))
     RECORDS.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 

@@ -20,14 +20,15 @@ Writes calibration/profiles-7b.jsonl; the table is part of calibration/ANALYTIC-
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "calibration"))
+from tracegrid import formula_bytes  # noqa: E402
 
 RECORDS = ROOT / "calibration" / "profiles-7b.jsonl"
 METHODS = {"zo-sgd": 0.0}  # the bound each is tested to (symbolic: exact)
@@ -60,7 +61,7 @@ def main() -> None:
             traced = trace_step(c).peak.allocated
             trace_s = time.perf_counter() - t0
             got = prof.peak(b, s).allocated
-            hand_bytes = _hand(c, shipped)
+            hand_bytes = formula_bytes(c)
             points.append({"batch": b, "seq": s, "trace_bytes": traced, "profile_bytes": got, "hand_bytes": hand_bytes,
                            "trace_seconds": round(trace_s, 1)})
             print(method, b, s, traced, got, hand_bytes, flush=True)
@@ -69,25 +70,6 @@ def main() -> None:
                     "profile_seconds": None if seconds is None else round(seconds, 1), "profile_bytes_json": shipped.stat().st_size,
                     "trace_bytes": first["trace_bytes"], "points": points})
     RECORDS.write_text("".join(json.dumps(r) + "\n" for r in out))
-
-
-def _hand(c, shipped: Path) -> int:
-    """The hand formulas' tensor bytes of `c`: the analytic tier with no profile to read."""
-    from memplan import profile
-    from memplan.api import estimate_config
-    from memplan.result import Category
-
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()  # no profile: the hand formulas
-    profile._LOADED.clear()
-    hidden = shipped.rename(shipped.with_suffix(".off"))
-    try:
-        hand = estimate_config(c, search=False)
-    finally:
-        hidden.rename(shipped)
-        os.environ.pop("XDG_CACHE_HOME") if saved is None else os.environ.__setitem__("XDG_CACHE_HOME", saved)
-        profile._LOADED.clear()
-    return hand.peak_allocated_bytes - hand.components[Category.WORKSPACE]
 
 
 def check() -> None:
@@ -99,12 +81,11 @@ def check() -> None:
     recs = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
     for r in recs:
         cfg = Config(model="llama-2-7b", method=r["method"], dtype=r["dtype"], attention=r["attention"])
-        shipped = profile.SHIPPED / f"{profile.key(spec.config, cfg)}.json"
         prof = profile.find(spec.config, cfg)
         for p in r["points"]:
             c = cfg.model_copy(update={"batch": p["batch"], "seq": p["seq"]})
             p["profile_bytes"] = prof.peak(p["batch"], p["seq"]).allocated
-            p["hand_bytes"] = _hand(c, shipped)
+            p["hand_bytes"] = formula_bytes(c)
     RECORDS.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 

@@ -48,6 +48,31 @@ def analytic_bytes(cfg) -> tuple[int, str]:
     return est.peak_allocated_bytes - est.components.get(Category.WORKSPACE, 0), est.peak_phase.value
 
 
+@contextlib.contextmanager
+def no_profiles() -> Iterator[None]:
+    """Within: no profile is read (cached or shipped) or traced, so the closed-form formulas answer."""
+    from memplan import profile
+
+    find, trace = profile.find, os.environ.get("MEMPLAN_TRACE")
+    profile.find = lambda *args, **kwargs: None
+    os.environ["MEMPLAN_TRACE"] = "never"
+    try:
+        yield
+    finally:
+        profile.find = find
+        if trace is None:
+            os.environ.pop("MEMPLAN_TRACE", None)
+        else:
+            os.environ["MEMPLAN_TRACE"] = trace
+
+
+def formula_bytes(cfg) -> int:
+    """`analytic_bytes` from the closed-form formulas alone: what the analytic tier answers without a
+    profile."""
+    with no_profiles():
+        return analytic_bytes(cfg)[0]
+
+
 def key(row) -> str:
     return json.dumps(list(row))
 

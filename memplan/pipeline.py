@@ -166,15 +166,14 @@ class AnalyticTier:
 def profiled_peak(cfg: Config, spec, *, make: bool | None = None) -> TensorPeak | None:
     """The tensor bytes from the configuration's profile; None where the hand formulas answer instead.
 
-    `make`: trace a missing profile now (default: for a family without hand formulas, and for a table
-    family whose formulas are approximate when `traces_on_first_use`)."""
+    `make`: trace a missing profile now (default: `_traces_now`)."""
     hand = hand_formulas(spec)
     if hand and not _one_device(cfg):  # a profile is one GPU's step; the layouts are the hand formulas' stage
         return None
     if traced_first(spec) and not _first_use.get():  # `formulas_only`: compare like with like
         return None
     if make is None:
-        make = traced_first(spec) and traces_on_first_use() if hand else not _tracing_off()
+        make = _traces_now(spec)
         if not hand and not make and profile.find(spec.config, cfg) is None:
             if _have_torch():  # a type transformers does not know says so first
                 from memplan.build import hf_config
@@ -240,6 +239,15 @@ def make_profile(cfg: Config, spec, *, into: profile.Profile | None = None,
     return prof
 
 
+def _traces_now(spec) -> bool:
+    """Whether a missing profile of the spec is traced now: for a type with no hand formulas unless
+    tracing is off; for one with them, where its answer is traced first (`traced_first`) and tracing is
+    on (`traces_on_first_use`)."""
+    if hand_formulas(spec):
+        return traced_first(spec) and traces_on_first_use()
+    return not _tracing_off()
+
+
 def missing_profiles(configs: list[Config]) -> list[Config]:
     """The configurations (as they run) whose estimate would trace a profile on first use now."""
     out = []
@@ -247,11 +255,9 @@ def missing_profiles(configs: list[Config]) -> list[Config]:
         try:
             spec = model_of(cfg.model)
             cfg, _ = eager_without_sdpa(cfg, spec)
-            hand = hand_formulas(spec)
-            if hand and not _one_device(cfg) or analytic.not_modelled(cfg):
+            if hand_formulas(spec) and not _one_device(cfg) or analytic.not_modelled(cfg):
                 continue
-            want = traced_first(spec) and traces_on_first_use() if hand else not _tracing_off()
-            if want and profile.find(spec.config, cfg) is None:
+            if _traces_now(spec) and profile.find(spec.config, cfg) is None:
                 out.append(cfg)
         except MemplanError:
             continue  # the estimate itself will say what is wrong

@@ -148,7 +148,7 @@ def probe_profile(cfg: Config, *, log=None, at: tuple[int, int] | None = None, i
     from memplan.build import model_config_dict
     from memplan.depth import plan
     from memplan.profile import evaluate
-    from memplan.symbolic import _prune, grid
+    from memplan.symbolic import _prune, distinct, grid
 
     name, config_dict = model_config_dict(cfg.model)
     context = context_length(config_dict)
@@ -165,9 +165,7 @@ def probe_profile(cfg: Config, *, log=None, at: tuple[int, int] | None = None, i
             pl = None
             found = _fitted_regime(cfg, config_dict, name, points, terms, None, log)
         fitted, made = found
-        # moments repeat (a layer's are alike): keep one of each
-        unique = list({(ph, tuple((c, tuple(sorted(v.items()))) for c, v in bc.items())): (ph, bc)
-                       for ph, bc in fitted.values()}.values())
+        unique = distinct(fitted.values())
         kept = _prune(unique, list(TERMS), [p for p in points_all if evaluate(when, *p)])
         regimes.append(Regime(when, tuple(Row(ph, {c: tuple(sorted(v.items())) for c, v in bc.items()})
                                           for ph, bc in (unique[i] for i in kept))))

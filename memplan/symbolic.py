@@ -172,21 +172,18 @@ def _regime_condition(traced, names: dict) -> str:
 
 def _rows(traced, terms: _Terms, names: dict) -> list[tuple[Phase, dict[Category, _Vec]]]:
     """Every distinct moment of the measured step at which the live total can reach a new high."""
-    vecs: dict[int, _Vec] = {}
+    walk = traced.tracker.walk(traced.start, nbytes=_vectors(terms, names))
+    return distinct((phase, totals) for _, phase, _, totals in walk)
 
-    def nbytes(rec):
-        if rec is None:
-            return _Vec()
-        v = vecs.get(id(rec))
-        if v is None:
-            v = vecs[id(rec)] = terms.vec(rec.nbytes, names)
-        return v
 
-    seen: dict[tuple, tuple[Phase, dict[Category, _Vec]]] = {}
-    for _, phase, _, totals in traced.tracker.walk(traced.start, nbytes=nbytes):
-        k = (phase, tuple((c, tuple(sorted(v.items()))) for c, v in totals.items() if v))
+def distinct(moments) -> list[tuple[Phase, dict]]:
+    """(phase, bytes by category) moments without repeats (a layer's are alike) and without empty
+    categories; each category's bytes is a {term index: coefficient} mapping."""
+    seen: dict[tuple, tuple[Phase, dict]] = {}
+    for phase, cats in moments:
+        k = (phase, tuple((c, tuple(sorted(v.items()))) for c, v in cats.items() if v))
         if k not in seen:
-            seen[k] = (phase, {c: v for c, v in totals.items() if v})
+            seen[k] = (phase, {c: v for c, v in cats.items() if v})
     return list(seen.values())
 
 
@@ -330,12 +327,8 @@ def _shallow_regime(cfg: Config, config_dict: dict, pl, hint, terms: _Terms, log
             log(f"{cfg.model}: {pl.depths}-layer copies do not extrapolate in depth; tracing all {pl.layers} layers")
         return None
     (t1, p1), (t2, p2), _ = counts
-    seen: dict[tuple, tuple] = {}
-    for phase, cats in ext.values():
-        cats = {c: v for c, v in cats.items() if v}
-        seen.setdefault((phase, tuple((c, tuple(sorted(v.items()))) for c, v in cats.items())), (phase, cats))
     f = _Facts(t1 + n * (t2 - t1), p1 + n * (p2 - p1), tuple(facts[0].warnings))
-    return whens[0], list(seen.values()), f, f"from {'/'.join(map(str, pl.depths))}-layer copies"
+    return whens[0], distinct(ext.values()), f, f"from {'/'.join(map(str, pl.depths))}-layer copies"
 
 
 def _vectors(terms: _Terms, names: dict):
