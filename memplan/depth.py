@@ -31,6 +31,7 @@ import json
 import re
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 MAX_PERIOD = 8
@@ -78,8 +79,15 @@ def layer_count(config: dict) -> tuple[str, int] | None:
 
 
 def _config_object(config: dict):
+    """transformers' config object of a config dict (built once per dict: a plan and each copy ask)."""
+    return _built(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=16)
+def _built(config_json: str):
     from transformers import AutoConfig
 
+    config = json.loads(config_json)
     return AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
 
 
